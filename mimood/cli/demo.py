@@ -1,0 +1,4 @@
+"""`mimood-demo`."""
+from mimood.cli._common import not_implemented
+
+main = not_implemented("mimood-demo")
