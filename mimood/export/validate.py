@@ -1,0 +1,101 @@
+"""Checking exported graphs: run them in onnxruntime, compare with PyTorch, read their I/O.
+
+Every graph is compared with the PyTorch module it came from before the export calls it done;
+the `Check` results go into the manifest. Float outputs pass when every element is within
+`atol + rtol * |want|` (numpy's `allclose` rule); integer outputs (token ids) must be equal,
+except for a stated share of mismatches (`max_mismatch_share`), because fp16 logits may move a
+sampled token that lies on a CDF boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from mimood.errors import InputError
+
+
+def run_onnx(path: str | Path, feeds: dict[str, np.ndarray],
+             providers: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Run a graph once in onnxruntime (CPU unless `providers` says otherwise): outputs by name."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "ONNX file not found")
+    try:
+        sess = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+        raise InputError(path, f"onnxruntime cannot load this graph: {e}") from None
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+@dataclass
+class Check:
+    """The result of comparing one output with its reference."""
+    name: str
+    passed: bool
+    max_abs_err: float        # max |got - want| (inf on a shape mismatch)
+    mismatch_share: float     # share of elements outside tolerance (ints: not equal)
+    atol: float
+    rtol: float
+    max_mismatch_share: float
+    problem: str = ""         # set when shapes or kinds differ
+
+    def __str__(self) -> str:
+        verdict = "ok  " if self.passed else "FAIL"
+        if self.problem:
+            return f"{verdict} {self.name}: {self.problem}"
+        return (f"{verdict} {self.name}: max|err| {self.max_abs_err:.3g} (atol {self.atol:g}, "
+                f"rtol {self.rtol:g}), mismatches {self.mismatch_share:.2%} "
+                f"(allowed {self.max_mismatch_share:.2%})")
+
+
+def compare(name: str, got, want, atol: float, rtol: float = 0.0,
+            max_mismatch_share: float = 0.0) -> Check:
+    """Compare `got` (graph output) with `want` (PyTorch reference); arrays or CPU tensors."""
+    got, want = np.asarray(got), np.asarray(want)
+    fail = dict(name=name, passed=False, max_abs_err=float("inf"), mismatch_share=1.0,
+                atol=atol, rtol=rtol, max_mismatch_share=max_mismatch_share)
+    if got.shape != want.shape:
+        return Check(**fail, problem=f"shape {got.shape} != expected {want.shape}")
+    is_float = [np.issubdtype(a.dtype, np.floating) for a in (got, want)]
+    if is_float[0] != is_float[1]:
+        return Check(**fail, problem=f"dtype {got.dtype} != expected {want.dtype}")
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))  # [...]
+    if is_float[0]:
+        bad = ~(diff <= atol + rtol * np.abs(want.astype(np.float64)))  # NaN counts as bad
+    else:
+        bad = got != want
+    share = float(bad.mean()) if bad.size else 0.0
+    max_err = float(diff.max()) if diff.size else 0.0  # NaN if any element is NaN
+    return Check(name=name, passed=share <= max_mismatch_share, max_abs_err=max_err,
+                 mismatch_share=share, atol=atol, rtol=rtol,
+                 max_mismatch_share=max_mismatch_share)
+
+
+def _value_io(values) -> dict[str, list]:
+    out = {}
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in t.shape.dim]
+        out[v.name] = [shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name]
+    return out
+
+
+def graph_io(path: str | Path) -> dict[str, dict[str, list]]:
+    """{"inputs": {name: [shape, dtype]}, "outputs": {...}}; a symbolic dim is its name (or None)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise InputError(path, "ONNX file not found") from None
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InputError(path, f"not an ONNX graph: {e}") from None
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    return {"inputs": _value_io(inputs), "outputs": _value_io(model.graph.output)}
