@@ -39,7 +39,8 @@ class VQConfig:
     commitment_cost: float = 0.25
     decay: float = 0.99               # EMA codebook decay
     dropout: float = 0.0
-    dead_code_threshold: float = 1e-3  # EMA usage share below which a code is restarted
+    dead_code_threshold: float = 0.03  # a code used less than this fraction of the uniform share is dead
+    restart_every: int = 20            # steps between dead-code restarts (also at step 1: data-driven init)
 
 
 @dataclass

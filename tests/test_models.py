@@ -108,10 +108,11 @@ def test_dead_codes_are_restarted():
     for _ in range(5):
         vq(x)
     q = vq.quantizer
-    dead_before = (q.ema_cluster_size / q.ema_cluster_size.sum() < 1e-3 / K).sum().item()
+    threshold = CFG.vqvae.dead_code_threshold / K
+    dead_before = (q.ema_cluster_size / q.ema_cluster_size.sum() < threshold).sum().item()
     assert dead_before > 0
     assert vq.restart_dead_codes() == dead_before
-    assert (q.ema_cluster_size / q.ema_cluster_size.sum() >= 1e-3 / K).all()
+    assert (q.ema_cluster_size / q.ema_cluster_size.sum() >= threshold).all()
 
 
 def test_mvtm_step_samples_by_inverse_cdf_and_keeps_unmasked(models):

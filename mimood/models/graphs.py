@@ -71,16 +71,15 @@ class DecodeScore(nn.Module):
     def restoration(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.vqvae.decode(tokens.view(-1, GRID, GRID)).float().clamp(0, 1)    # [BR, 1, H, W]
 
-    def smooth(self, d: torch.Tensor) -> torch.Tensor:
-        if self.min_pool > 1:
-            d = -F.max_pool2d(-d, self.min_pool, stride=1, padding=self.min_pool // 2)
-        if self.avg_pool > 1:
-            d = F.avg_pool2d(d, self.avg_pool, stride=1, padding=self.avg_pool // 2, count_include_pad=False)
-        return d
-
     def forward(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         x_rep = x.repeat_interleave(self.R, dim=0)                           # [BR, 1, H, W]
-        d = self.smooth((self.restoration(tokens) - x_rep).abs())
-        d = d * (x_rep > 0).to(d.dtype)
-        return d.view(B, self.R, H, W).mean(dim=1)                           # [B, H, W]
+        d = (self.restoration(tokens) - x_rep).abs()
+        if self.min_pool > 1:                                                # per restoration (not linear)
+            d = -F.max_pool2d(-d, self.min_pool, stride=1, padding=self.min_pool // 2)
+        # the average pool is linear and the brain mask is the same for all R: average over R first (R x less
+        # pooling work, same result)
+        d = d.view(B, self.R, H, W).mean(dim=1, keepdim=True)               # [B, 1, H, W]
+        if self.avg_pool > 1:
+            d = F.avg_pool2d(d, self.avg_pool, stride=1, padding=self.avg_pool // 2, count_include_pad=False)
+        return (d * (x > 0).to(d.dtype))[:, 0]                               # [B, H, W]

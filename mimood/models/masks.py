@@ -85,7 +85,8 @@ def mvtm_masks(rng: np.random.Generator, batch: int, grid: int, cfg: MaskConfig)
     for i in range(batch):
         r = cosine_ratio(rng)
         if rng.uniform() < cfg.brush_share:
-            m = brush_mask(rng, grid, cfg, coverage=(max(r * 0.8, 1.0 / n), min(r * 1.2, 1.0))).ravel()
+            lo = max(r * 0.8, 1.0 / n)
+            m = brush_mask(rng, grid, cfg, coverage=(lo, max(lo, min(r * 1.2, 1.0)))).ravel()
         else:
             m = random_mask(rng, n, r)
         out[i] = m if m.any() else random_mask(rng, n, 1.0 / n)

@@ -69,10 +69,16 @@ class VQVAE(nn.Module):
         """tokens [B,h,w] -> image [B,1,H,W]."""
         return self.net.decode(self.embed(tokens))
 
+    def after_step(self, step: int) -> None:
+        """Training hook: dead-code restarts at step 1 (data-driven codebook init) and every `restart_every`."""
+        if step == 1 or step % self.cfg.restart_every == 0:
+            self.restart_dead_codes()
+
     @torch.no_grad()
     def restart_dead_codes(self, z: torch.Tensor | None = None) -> int:
-        """Move codes whose EMA usage share fell below `dead_code_threshold` onto random encoder outputs of the
-        last batch (z [B,D,h,w]); returns how many were restarted. Keeps the codebook from collapsing."""
+        """Move codes whose EMA usage share fell below `dead_code_threshold` x the uniform share (1/K) onto random
+        encoder outputs of the last batch (z [B,D,h,w]); returns how many were restarted. Keeps the codebook from
+        collapsing; called at step 1 it is a data-driven initialisation of the codebook."""
         z = self._last_z if z is None else z
         q = self.quantizer
         share = q.ema_cluster_size / q.ema_cluster_size.sum().clamp_min(1e-12)   # [K]
