@@ -1,0 +1,70 @@
+"""`mimood-train {vqvae,mvtm,atd,ar,all}`: train the models of a run folder.
+
+Multi-process: `torchrun --nproc_per_node=N -m mimood.cli.train all --run-dir DIR ...` (DistributedDataParallel;
+gloo on CPU, nccl on GPUs). torchrun's own parser would take `--run` for its `--run-path`, hence `--run-dir`."""
+from __future__ import annotations
+
+import os
+
+import click
+import torch
+
+from mimood.cli._common import friendly_errors
+from mimood.config import PRESETS, preset
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        # CPU processes share the machine's cores: one thread each unless told otherwise
+        if backend == "gloo" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // torch.distributed.get_world_size()))
+
+
+@click.command()
+@click.argument("what", type=click.Choice(["vqvae", "mvtm", "atd", "ar", "all"]))
+@click.option("--data", "data", multiple=True, type=click.Path(exists=True),
+              help="Training volumes (folder or file; repeatable). Default: the built-in demo data.")
+@click.option("--run", "--run-dir", "run", default="runs/default", show_default=True, type=click.Path(),
+              help="Run folder (config, checkpoints, logs). Under torchrun, spell it --run-dir.")
+@click.option("--preset", "preset_name", type=click.Choice(PRESETS), default="cpu", show_default=True)
+@click.option("--steps", type=int, default=None, help="Override the preset's number of steps.")
+@click.option("--resume", is_flag=True, help="Continue a run from its last checkpoints and saved config.")
+@click.option("--modality", default="t2", show_default=True, help="File suffix of BraTS-style folders.")
+@click.option("--lesion-margin", type=int, default=0, show_default=True,
+              help="With labels: keep only slices at least this many mm from any lesion.")
+@click.option("--bf16", is_flag=True, help="CPU bfloat16 autocast (faster on CPUs with AVX-512 bf16).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, bf16, seed, quiet):
+    """Train the VQ-VAE, the MVTM, the ATD and the AR baseline on healthy scans."""
+    from mimood.train.recipes import train
+
+    _init_distributed()
+    cfg = preset(preset_name)
+    cfg.seed = seed
+    cfg.data.modality = modality
+    cfg.data.lesion_margin = lesion_margin
+    for o in (cfg.optim_vqvae, cfg.optim_transformer):
+        o.bf16 = bf16
+        if steps is not None:
+            o.steps = steps
+            o.val_every = min(o.val_every, steps)
+            o.warmup_steps = min(o.warmup_steps, steps // 10)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    try:
+        summary = train(what, run, cfg, data, resume=resume, progress=not quiet)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        click.echo(f"run folder: {run}")
+        for name, s in summary.items():
+            if isinstance(s, dict):
+                click.echo(f"  {name}: {s['steps']} steps, {s['seconds']} s, val {s['last']}")
+
+
+if __name__ == "__main__":
+    main()

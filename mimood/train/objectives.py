@@ -1,0 +1,145 @@
+"""Training objectives and validation metrics of the four models, as (loss_fn, val_fn) pairs for the Trainer.
+
+- VQ-VAE: MAE reconstruction + commitment (MONAI EMA quantizer), broad intensity augmentation.
+- MVTM:   cross-entropy on masked positions only; masks = cosine-schedule ratio, painted as brush strokes or
+          uniformly random (MaskGIT + the paper's brush masks).
+- ATD:    BCE per token; input = tokens with brush-stroke regions replaced by random codes, target = changed.
+- AR:     next-token cross-entropy in raster order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, roc_auc_score
+from torch import nn
+
+from mimood.config import GRID, MaskConfig
+from mimood.data.augment import intensity_augment, spatial_augment
+from mimood.models.masks import atd_masks, corrupt, mvtm_masks
+from mimood.models.vqvae import codebook_stats
+
+
+def _torch_gen(rng: np.random.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+def _batches(n: int, batch: int, limit: int):
+    """Deterministic validation batches: index ranges over the first limit*batch items."""
+    stop = min(n, limit * batch)
+    for i in range(0, stop, batch):
+        yield slice(i, min(i + batch, stop))
+
+
+# -- VQ-VAE ---------------------------------------------------------------------------------------------------
+def vqvae_objective(images: np.ndarray, val_images: np.ndarray, batch: int, val_batches: int):
+    """images: [N, 160, 160] float16 in [0, 1] (train), val_images likewise (held-out volumes)."""
+
+    def loss_fn(model: nn.Module, step: int, rng: np.random.Generator):
+        idx = rng.integers(0, len(images), batch)
+        x = torch.from_numpy(images[idx].astype(np.float32))[:, None]      # [B, 1, H, W]
+        g = _torch_gen(rng)
+        x = intensity_augment(spatial_augment(x, g), g)
+        rec, q_loss, tokens = model(x)
+        l1 = (rec - x).abs().mean()
+        core = getattr(model, "module", model)
+        return l1 + q_loss, {"l1": l1.item(), "commit": q_loss.item(),
+                             **codebook_stats(tokens, core.cfg.num_embeddings)}
+
+    def val_fn(model: nn.Module) -> dict[str, float]:
+        err_sum = brain_err = brain_n = n = 0.0
+        all_tokens = []
+        for s in _batches(len(val_images), batch, val_batches):
+            x = torch.from_numpy(val_images[s].astype(np.float32))[:, None]
+            tokens = model.encode(x)
+            rec = model.decode(tokens).clamp(0, 1)
+            err = (rec - x).abs()
+            brain = x > 0
+            err_sum += err.sum().item()
+            n += err.numel()
+            brain_err += err[brain].sum().item()
+            brain_n += brain.sum().item()
+            all_tokens.append(tokens)
+        stats = codebook_stats(torch.cat(all_tokens), model.cfg.num_embeddings)
+        return {"loss": err_sum / n, "mae": err_sum / n, "mae_brain": brain_err / max(brain_n, 1), **stats}
+
+    return loss_fn, val_fn
+
+
+# -- transformers ---------------------------------------------------------------------------------------------
+def mvtm_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int,
+                   masks: MaskConfig, val_seed: int = 1234):
+    """tokens: [M, 400] int (train, augmented variants stacked), val_tokens [V, 400]."""
+
+    def step(model: nn.Module, tok: torch.Tensor, mask: torch.Tensor):
+        core = getattr(model, "module", model)
+        inp = torch.where(mask, torch.full_like(tok, core.mask_id), tok)
+        logits = model(inp)                                                # [B, N, K]
+        loss = F.cross_entropy(logits[mask].float(), tok[mask])
+        acc = (logits[mask].argmax(-1) == tok[mask]).float().mean()
+        return loss, acc
+
+    def loss_fn(model, step_i, rng):
+        tok = torch.from_numpy(tokens[rng.integers(0, len(tokens), batch)].astype(np.int64))
+        loss, acc = step(model, tok, mvtm_masks(rng, batch, GRID, masks))
+        return loss, {"acc": acc.item()}
+
+    def val_fn(model):
+        rng = np.random.default_rng(val_seed)
+        losses, accs = [], []
+        for s in _batches(len(val_tokens), batch, val_batches):
+            tok = torch.from_numpy(val_tokens[s].astype(np.int64))
+            loss, acc = step(model, tok, mvtm_masks(rng, len(tok), GRID, masks))
+            losses.append(loss.item())
+            accs.append(acc.item())
+        return {"loss": float(np.mean(losses)), "masked_acc": float(np.mean(accs))}
+
+    return loss_fn, val_fn
+
+
+def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int,
+                  masks: MaskConfig, num_codes: int, val_seed: int = 1234):
+
+    def step(model, tok, mask, gen):
+        corrupted, target = corrupt(tok, mask, num_codes, gen)
+        logits = model(corrupted)                                          # [B, N]
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float()), logits, target
+
+    def loss_fn(model, step_i, rng):
+        tok = torch.from_numpy(tokens[rng.integers(0, len(tokens), batch)].astype(np.int64))
+        loss, _, target = step(model, tok, atd_masks(rng, batch, GRID, masks), _torch_gen(rng))
+        return loss, {"corrupt_share": target.float().mean().item()}
+
+    def val_fn(model):
+        rng = np.random.default_rng(val_seed)
+        gen = torch.Generator().manual_seed(val_seed)
+        losses, scores, targets = [], [], []
+        for s in _batches(len(val_tokens), batch, val_batches):
+            tok = torch.from_numpy(val_tokens[s].astype(np.int64))
+            loss, logits, target = step(model, tok, atd_masks(rng, len(tok), GRID, masks), gen)
+            losses.append(loss.item())
+            scores.append(logits.float().flatten().numpy())
+            targets.append(target.flatten().numpy())
+        y, p = np.concatenate(targets), np.concatenate(scores)
+        return {"loss": float(np.mean(losses)), "ap": float(average_precision_score(y, p)),
+                "auroc": float(roc_auc_score(y, p))}
+
+    return loss_fn, val_fn
+
+
+def ar_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int):
+
+    def nll(model, tok):
+        logits = model(tok)                                                # [B, N, K]
+        return F.cross_entropy(logits.float().flatten(0, 1), tok.flatten())
+
+    def loss_fn(model, step_i, rng):
+        tok = torch.from_numpy(tokens[rng.integers(0, len(tokens), batch)].astype(np.int64))
+        return nll(model, tok), {}
+
+    def val_fn(model):
+        losses = [nll(model, torch.from_numpy(val_tokens[s].astype(np.int64))).item()
+                  for s in _batches(len(val_tokens), batch, val_batches)]
+        return {"loss": float(np.mean(losses))}
+
+    return loss_fn, val_fn

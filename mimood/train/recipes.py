@@ -1,0 +1,182 @@
+"""What `mimood-train` runs: build the slice cache, train the VQ-VAE, tokenise once, train MVTM / ATD / AR.
+
+Run folder layout (self-describing; `--resume` continues a killed run):
+    run/config.json                    resolved RunConfig
+    run/data/{train,val}_slices.npz    preprocessed slices (held-out volumes for validation)
+    run/data/tokens.npz                cached tokens: augmented train variants + val
+    run/<model>/{last,best}.safetensors, state.pt, log.jsonl
+    run/summary.json                   validation metrics and wall time per model
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mimood.config import RunConfig
+from mimood.data.augment import spatial_augment
+from mimood.data.discover import discover
+from mimood.data.io import atomic_write
+from mimood.data.slices import SliceSet, build_slice_set, load_slice_set, save_slice_set, split_by_case
+from mimood.models.checkpoint import build_model, load_model
+from mimood.train import objectives
+from mimood.train.trainer import Trainer, TrainResult, world
+
+MODELS = ("vqvae", "mvtm", "atd", "ar")
+TOKEN_VARIANTS = 4          # identity, flip, and two random flip/rotations per training slice
+
+
+def log(msg: str) -> None:
+    if world()[0] == 0:
+        tqdm.write(msg)
+
+
+def default_demo_data(run: Path) -> Path:
+    """The built-in demo data (generated once into the run folder) when no --data is given."""
+    from mimood.data.demo import make_demo
+    out = run / "demo_data"
+    if not (out / "demo.json").exists():
+        if world()[0] == 0:
+            log(f"no --data given: generating the built-in demo data in {out}")
+            make_demo(out)
+        if world()[1] > 1:
+            torch.distributed.barrier()
+    return out / "train"
+
+
+def prepare_slices(run: Path, cfg: RunConfig, data: Sequence[Path], val_fraction: float = 0.15,
+                   progress: bool = True) -> tuple[SliceSet, SliceSet]:
+    """Preprocess every training volume once into run/data/{train,val}_slices.npz."""
+    train_p, val_p = run / "data" / "train_slices.npz", run / "data" / "val_slices.npz"
+    if not (train_p.exists() and val_p.exists()) and world()[0] == 0:
+        cases = [c for d in data for c in discover(d, modality=cfg.data.modality)]
+        slices, failures = build_slice_set(cases, cfg.data, progress=progress)
+        for f in failures:
+            log(f"skipped {f}")
+        if len(slices.names) < 2:
+            raise ValueError(f"need at least 2 usable training volumes, found {len(slices.names)}")
+        train, val = split_by_case(slices, val_fraction, cfg.seed)
+        train_p.parent.mkdir(parents=True, exist_ok=True)
+        save_slice_set(train, train_p)
+        save_slice_set(val, val_p)
+        log(f"slices: {len(train.images)} train from {len(set(train.case.tolist()))} volumes, "
+            f"{len(val.images)} validation from {len(set(val.case.tolist()))} volumes")
+    if world()[1] > 1:
+        torch.distributed.barrier()
+    return load_slice_set(train_p), load_slice_set(val_p)
+
+
+def train_vqvae(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, resume: bool,
+                progress: bool = True) -> TrainResult:
+    model = build_model("vqvae", cfg.vqvae)
+    o = cfg.optim_vqvae
+    trainer = Trainer(model, "vqvae", o, run / "vqvae", cfg.seed,
+                      after_step=lambda m, step: m.after_step(step))
+    if resume and trainer.resume():
+        log(f"vqvae: resuming at step {trainer.step}")
+    loss_fn, val_fn = objectives.vqvae_objective(train.images, val.images, o.batch_size, o.val_batches)
+    return trainer.fit(loss_fn, val_fn, progress)
+
+
+@torch.no_grad()
+def tokenize(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, progress: bool = True,
+             batch: int = 64) -> dict[str, np.ndarray]:
+    """Encode the slices once with the best VQ-VAE: train tokens [V, N, 400] for V augmented variants
+    (flips and small rotations, the paper's augmentation of the latent models), val tokens [M, 400], and the
+    share of brain pixels under each token (fg_*: used to keep brain tokens only)."""
+    path = run / "data" / "tokens.npz"
+    vq_path = run / "vqvae" / "best.safetensors"
+    digest = hashlib.sha256(vq_path.read_bytes()).hexdigest()
+    if path.exists() and str(np.load(path)["vqvae_sha256"]) == digest:
+        return dict(np.load(path))                 # cached tokens of this very tokenizer
+    if world()[0] == 0:
+        vq, _ = load_model(vq_path)
+        gen = torch.Generator().manual_seed(cfg.seed)
+
+        def encode(images: np.ndarray, variant: int) -> np.ndarray:
+            out = []
+            for i in range(0, len(images), batch):
+                x = torch.from_numpy(images[i:i + batch].astype(np.float32))[:, None]
+                if variant == 1:
+                    x = torch.flip(x, dims=[-1])
+                elif variant > 1:
+                    x = spatial_augment(x, gen)
+                out.append(vq.encode(x).flatten(1).to(torch.int16).numpy())
+                bar.update(len(x))
+            return np.concatenate(out)
+
+        with tqdm(total=len(train.images) * TOKEN_VARIANTS + len(val.images), desc="tokenise", unit="slice",
+                  disable=not progress) as bar:
+            tokens = {"train": np.stack([encode(train.images, v) for v in range(TOKEN_VARIANTS)]),
+                      "val": encode(val.images, 0), "vqvae_sha256": np.array(digest)}
+        for name, s in (("train", train), ("val", val)):
+            brain = torch.from_numpy((s.images > 0).astype(np.float32))[:, None]
+            tokens[f"fg_{name}"] = torch.nn.functional.avg_pool2d(brain, 8).flatten(1).numpy().astype(np.float16)
+        with atomic_write(path) as tmp:
+            np.savez(tmp, **tokens)
+    if world()[1] > 1:
+        torch.distributed.barrier()
+    return dict(np.load(path))
+
+
+def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np.ndarray], resume: bool,
+                      progress: bool = True) -> TrainResult:
+    model = build_model(task, cfg.transformer)
+    o = cfg.optim_transformer
+    train_tok = tokens["train"].reshape(-1, tokens["train"].shape[-1])     # [V*N, 400]
+    val_tok = tokens["val"]
+    trainer = Trainer(model, task, o, run / task, cfg.seed)
+    if resume and trainer.resume():
+        log(f"{task}: resuming at step {trainer.step}")
+    if task == "mvtm":
+        fns = objectives.mvtm_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks)
+    elif task == "atd":
+        fns = objectives.atd_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks,
+                                       cfg.vqvae.num_embeddings)
+    else:
+        fns = objectives.ar_objective(train_tok, val_tok, o.batch_size, o.val_batches)
+    return trainer.fit(*fns, progress=progress)
+
+
+def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path] = (), resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train `what` in {vqvae, mvtm, atd, ar, all} into `run`; returns the summary dict."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg_path = run / "config.json"
+    if cfg_path.exists() and resume:
+        cfg = RunConfig.load(cfg_path)          # resume with exactly the saved configuration
+    elif world()[0] == 0:
+        cfg.save(cfg_path)
+    data = [Path(d) for d in data] or [default_demo_data(run)]
+    summary_path = run / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    t_all = time.time()
+    train_set, val_set = prepare_slices(run, cfg, data, progress=progress)
+    todo = MODELS if what == "all" else (what,)
+    for name in todo:
+        if name == "vqvae":
+            result = train_vqvae(run, cfg, train_set, val_set, resume, progress)
+        else:
+            if not (run / "vqvae" / "best.safetensors").exists():
+                raise ValueError(f"{run}: train the VQ-VAE first (mimood-train vqvae)")
+            tokens = tokenize(run, cfg, train_set, val_set, progress)
+            result = train_transformer(name, run, cfg, tokens, resume, progress)
+        summary[name] = {"steps": result.steps, "seconds": round(result.seconds, 1), "best": result.best_val,
+                         "last": result.last_val}
+        log(f"{name}: {result.steps} steps in {result.seconds:.0f} s; validation {_fmt(result.last_val)}")
+    summary["wall_seconds_" + what] = round(time.time() - t_all, 1)
+    if world()[0] == 0:
+        with atomic_write(summary_path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
