@@ -1,4 +1,62 @@
-"""`mimood-export`."""
-from mimood.cli._common import not_implemented
+"""`mimood-export`: a run folder -> ONNX graphs (+ fp16 copies, TensorRT engines) and their manifest."""
+from __future__ import annotations
 
-main = not_implemented("mimood-export")
+import sys
+from pathlib import Path
+
+import click
+
+from mimood.cli._common import friendly_errors
+
+
+def _summary(check: dict) -> str:
+    """One check record of the manifest in a few words: ids as the share that differs, floats as max |err|."""
+    verdict = "" if check["passed"] else "FAIL "
+    if check.get("problem"):
+        return f"{verdict}{check['name']}: {check['problem']}"
+    if check["atol"] == 0 and check["rtol"] == 0:
+        return (f"{verdict}{check['name']} {check['mismatch_share']:.2%} differ "
+                f"(<= {check['max_mismatch_share']:.2%})")
+    return f"{verdict}{check['name']} |err| {check['max_abs_err']:.2g} (<= {check['atol']:g})"
+
+
+@click.command()
+@click.option("--run", "run", default="runs/default", show_default=True, type=click.Path(path_type=Path),
+              help="Run folder (config.json, <model>/best.safetensors, data/val_slices.npz).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Export folder (replaced whole when complete).  [default: <run>/export]")
+@click.option("--fp16", is_flag=True, help="Also write half-precision graphs (LayerNorm, softmax, sampling, "
+                                           "VQ search and the residual stay fp32).")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Slices per fixed-shape batch.")
+@click.option("-R", "R", type=click.IntRange(min=1), default=None,
+              help="Restorations per slice.  [default: the run's]")
+@click.option("-T", "T", type=click.IntRange(min=0), default=None,
+              help="Restoration iterations.  [default: the run's]")
+@click.option("--lam", type=float, default=None,
+              help="ATD threshold lambda.  [default: <run>/calibration.json's, else the run's]")
+@click.option("--no-validate", "no_validate", is_flag=True,
+              help="Skip the onnxruntime-vs-PyTorch checks (they take seconds).")
+@friendly_errors
+def main(run, out, fp16, batch, R, T, lam, no_validate):
+    """Export the run's VQ-VAE, ATD and MVTM as the four graphs of the restoration loop, check each
+    against PyTorch on held-out slices, and write the manifest inference reads."""
+    from mimood.export.export import ValidationError, export_run
+
+    try:
+        m = export_run(run, out=out, batch=batch, fp16=fp16, R=R, T=T, lam=lam, validate=not no_validate)
+    except ValidationError as e:
+        click.echo(f"error: {e} (nothing written)", err=True)
+        sys.exit(1)
+    out = run / "export" if out is None else out
+    click.echo(f"graphs for batch {m.batch} x R {m.R} (T {m.T}, lambda {m.lam:g}):")
+    for key, g in m.graphs.items():
+        checks = m.validation.get(key)
+        status = "; ".join(_summary(c) for c in checks) if checks else "not validated"
+        click.echo(f"  {g['file']:<22} {g['precision']}  {status}")
+    click.echo(m.extra.get("engines", "TensorRT engines: not built"))
+    click.echo(f"manifest: {out / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""`export_run`: a run folder -> a validated, self-describing export folder (`mimood-export`).
+
+Export folder (default `<run>/export`):
+
+    manifest.json                      `Manifest`: shapes, precisions, lambda, T, R, threshold, preprocessing,
+                                       versions, hashes of graphs and weights, every validation check
+    encode.onnx, atd.onnx, mvtm_step.onnx, decode_score.onnx             fp32 graphs (mimood.export.graphs)
+    encode.fp16.onnx, ...              half-precision copies (--fp16): same I/O names, shapes and dtypes
+    weights/{vqvae,atd,mvtm}.safetensors   the run's best checkpoints (the runtime's torch backend)
+    <graph>.<key>.engine(.json), timing.cache   TensorRT engines, where TensorRT and a GPU are present
+
+Manifest keys: `graphs[k]` and `validation[k]` use the graph file's stem as k: "encode", "atd", "mvtm_step",
+"decode_score" for fp32 and "encode.fp16", ... for fp16; `graphs[k]["precision"]` says which. The fp32 graphs
+are always written; `--fp16` adds the fp16 ones.
+
+Every graph is run in onnxruntime (CPU) on real held-out slices and compared with its PyTorch module (fp32,
+eager) before it counts as done; the tolerances are `TOLERANCES` below. A failed check fails the export and
+leaves nothing behind: everything is written into a hidden folder beside `out`, and renamed to `out` only when
+complete (engines already in `out` are carried over, so unchanged graphs keep their cached engines).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimood.config import RunConfig
+from mimood.data.slices import load_slice_set
+from mimood.errors import InputError
+from mimood.export.graphs import (GRAPHS, IO_NAMES, OPSET, build_modules, example_inputs, export_fp16,
+                                  export_onnx)
+from mimood.export.manifest import MANIFEST_NAME, Manifest, file_sha256
+from mimood.export.validate import Check, compare, run_onnx
+from mimood.models.checkpoint import load_model
+
+MODELS = ("vqvae", "atd", "mvtm")
+FORCED_MASK = 0.25       # share of tokens masked at random in the MVTM check, on top of the ATD's own mask
+SEED = 0                 # validation mask and noise
+
+
+class ValidationError(RuntimeError):
+    """An exported graph does not match its PyTorch module within `TOLERANCES`."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far a graph's outputs may be from the PyTorch fp32 reference on the same inputs."""
+    token_mismatch: float    # encode: share of token ids that may differ
+    probs_atol: float        # atd: max |p - p_ref|
+    mask_mismatch: float     # atd: share of `p > lambda` decisions that may differ
+    sample_mismatch: float   # mvtm_step: share of masked positions whose draw may differ (unmasked: none)
+    map_atol: float          # decode_score: max |map - map_ref| (maps lie in [0, 1])
+    map_mean: float          # decode_score: mean |map - map_ref|
+
+
+TOLERANCES = {
+    # fp32: the same arithmetic in another order (onnxruntime's kernels vs torch's). Float outputs move by
+    # ~1e-6; an id changes only when two codebook distances, or a CDF entry and its uniform draw, lie within
+    # that of each other, which is rare (0.1% allowed).
+    "fp32": Tolerances(token_mismatch=1e-3, probs_atol=1e-4, mask_mismatch=1e-3, sample_mismatch=1e-3,
+                       map_atol=1e-4, map_mean=1e-5),
+    # fp16: Conv/MatMul in half precision (relative step 2^-11 ~ 5e-4), everything that picks a token or
+    # makes the map in fp32 (mimood.export.graphs.fp32_nodes).
+    # - encode: features move by ~1e-3 relative, so a token whose two nearest codes are nearly equidistant
+    #   may flip. Measured 0.1% with the cpu preset's trained VQ-VAE; 1% allowed.
+    # - atd: probabilities move by ~1e-3 at most (the sigmoid's slope is <= 1/4 of the logit error; measured
+    #   2e-4 on the paper preset), so only decisions within that of lambda flip; 1% allowed.
+    # - mvtm_step: a masked draw flips when its uniform lies within the CDF's error of a CDF entry, so the
+    #   flip rate is about the sum of the K CDF entries' errors. Such a draw is still a draw from a
+    #   distribution within ~1e-3 of the reference; what the check must catch is a broken graph, which changes
+    #   most draws. Measured 0.2% (tiny preset), 1.8% (paper preset, random weights), 2.2% (cpu preset, MVTM
+    #   after 200 steps: a flat softmax over 256 codes); 5% allowed.
+    # - decode_score: decoder outputs move by ~1e-4 (measured) and the pooling averages them; anomalies
+    #   score ~0.1 and more.
+    "fp16": Tolerances(token_mismatch=1e-2, probs_atol=1e-2, mask_mismatch=1e-2, sample_mismatch=5e-2,
+                       map_atol=1e-2, map_mean=1e-3),
+}
+
+
+def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, fp16: bool = False,
+               R: int | None = None, T: int | None = None, lam: float | None = None, validate: bool = True,
+               build_engines: bool = True, progress: bool = True) -> Manifest:
+    """Export the run's best VQ-VAE, ATD and MVTM as the four loop graphs for batches of `batch` slices and
+    R restorations (default: the run's config), validate them, and return the manifest written to `out`.
+
+    lam: the ATD threshold (default: `<run>/calibration.json`'s, else the config's). T: iterations (the
+    graphs do not depend on it; it is recorded for inference). Raises `InputError` for a bad run folder and
+    `ValidationError` when a graph fails its check (nothing is written then).
+    """
+    run = Path(run)
+    out = run / "export" if out is None else Path(out)
+    cfg = _load_config(run)
+    r = cfg.restore
+    R, T = r.R if R is None else R, r.T if T is None else T
+    calibration = _load_calibration(run)
+    lam = lam if lam is not None else calibration.get("lam", r.lam)
+    threshold = calibration.get("threshold", r.threshold)
+    if batch < 1 or R < 1 or T < 0:
+        raise ValueError(f"need batch >= 1, R >= 1 and T >= 0 (got batch {batch}, R {R}, T {T})")
+    _check_out(out)
+    say = _printer(progress)
+
+    models = {k: _load_checkpoint(run, k) for k in MODELS}
+    K = models["vqvae"].cfg.num_embeddings
+    if {models["atd"].cfg.vocab_size, models["mvtm"].cfg.vocab_size} != {K}:
+        raise InputError(run, f"checkpoints disagree on the codebook size: vqvae {K}, atd "
+                              f"{models['atd'].cfg.vocab_size}, mvtm {models['mvtm'].cfg.vocab_size}")
+    modules = build_modules(models["vqvae"], models["atd"], models["mvtm"], r, R)
+    if validate:
+        x, n_blob, source = validation_slices(run, batch)
+        feeds, want = reference_io(modules, x, R, lam)
+
+    manifest = Manifest.from_config(cfg, batch=batch, R=R, T=T, lam=float(lam), threshold=threshold,
+                                    vocab_size=K, mask_id=K)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        precisions = ["fp32", "fp16"] if fp16 else ["fp32"]
+        for name in GRAPHS:
+            for precision in precisions:
+                key = name if precision == "fp32" else f"{name}.fp16"
+                path = tmp / f"{key}.onnx"
+                say(f"exporting {path.name}")
+                if precision == "fp32":
+                    export_onnx(name, modules[name], example_inputs(name, batch, R, K), path)
+                else:
+                    report = export_fp16(name, tmp / f"{name}.onnx", path)
+                    manifest.extra.setdefault("fp16", {})[key] = {k: v for k, v in report.items() if k != "io"}
+                manifest.add_graph(key, path, precision)
+                if validate:
+                    checks = check_graph(name, path, feeds[name], want[name], TOLERANCES[precision], lam)
+                    manifest.validation[key] = [asdict(c) for c in checks]
+                    failed = [str(c) for c in checks if not c.passed]
+                    if failed and precision == "fp16" and any(np.isnan(c.max_abs_err) for c in checks):
+                        failed.append("NaN outputs: values beyond fp16's range (65504) inside the graph? "
+                                      "e.g. unused VQ codes with huge entries")
+                    if failed:
+                        raise ValidationError(f"{path.name} does not match PyTorch: {'; '.join(failed)}")
+        if validate:
+            manifest.extra["validation"] = {
+                "source": source, "slices": batch, "blob_slices": n_blob, "lam": float(lam),
+                "forced_mask": FORCED_MASK, "mask_share": float(feeds["mvtm_step"]["mask"].mean()),
+                "seed": SEED, "runtime": "onnxruntime CPUExecutionProvider",
+                "tolerances": {p: asdict(t) for p, t in TOLERANCES.items() if p in precisions}}
+        weights = tmp / "weights"
+        weights.mkdir()
+        for k in MODELS:
+            shutil.copyfile(run / k / "best.safetensors", weights / f"{k}.safetensors")
+        manifest.extra["weights"] = {k: {"file": f"weights/{k}.safetensors",
+                                         "sha256": file_sha256(weights / f"{k}.safetensors")} for k in MODELS}
+        manifest.versions["onnxscript"] = metadata.version("onnxscript")
+        if fp16:
+            manifest.versions["nvidia-modelopt"] = metadata.version("nvidia-modelopt")
+        manifest.extra["opset"] = OPSET
+        _carry_engines(out, tmp)
+        if build_engines:
+            manifest.extra["engines"] = make_engines(tmp, [k for k in manifest.graphs
+                                                           if k.endswith(".fp16") == fp16], manifest, say)
+        manifest.save(tmp / MANIFEST_NAME)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def check_graph(name: str, path: Path, feeds: dict[str, np.ndarray], want: dict[str, np.ndarray],
+                tol: Tolerances, lam: float) -> list[Check]:
+    """Run graph `name` from `path` in onnxruntime on `feeds` and compare with the reference `want`."""
+    got = run_onnx(path, feeds)
+    if name == "encode":
+        return [compare("tokens", got["tokens"], want["tokens"], atol=0, max_mismatch_share=tol.token_mismatch)]
+    if name == "atd":
+        p, q = got["probs"], want["probs"]
+        return [compare("probs", p, q, atol=tol.probs_atol),
+                compare(f"probs > {lam:g}", p > lam, q > lam, atol=0, max_mismatch_share=tol.mask_mismatch)]
+    if name == "mvtm_step":
+        m, t, u = feeds["mask"], got["tokens_out"], want["tokens_out"]
+        return [compare("tokens_out[mask]", t[m], u[m], atol=0, max_mismatch_share=tol.sample_mismatch),
+                compare("tokens_out[~mask]", t[~m], u[~m], atol=0)]
+    if name == "decode_score":
+        maps, ref = got["maps"], want["maps"]
+        if maps.shape != ref.shape:
+            return [compare("maps", maps, ref, atol=tol.map_atol)]
+        mean_err = np.abs(maps.astype(np.float64) - ref).mean()
+        return [compare("maps", maps, ref, atol=tol.map_atol),
+                compare("maps (mean)", np.float64(mean_err), np.float64(0.0), atol=tol.map_mean)]
+    raise ValueError(f"unknown graph {name!r}")
+
+
+def validation_slices(run: Path, batch: int) -> tuple[torch.Tensor, int, str]:
+    """`batch` held-out slices x [B,1,H,W] float32 from `<run>/data/val_slices.npz`, spread over the set
+    (repeated when it has fewer). Every other slice gets a bright disc inside the brain: the run's data are
+    lesion-free, and an anomaly gives the ATD something to flag and the MVTM something to re-sample.
+    Returns (x, number of slices with a disc, source description)."""
+    path = run / "data" / "val_slices.npz"
+    s = load_slice_set(path)
+    if len(s) == 0:
+        raise InputError(path, "no validation slices")
+    pick = np.linspace(0, len(s) - 1, batch).round().astype(int) if len(s) >= batch else np.arange(batch) % len(s)
+    x = s.images[pick].astype(np.float32)                                    # [B, H, W]
+    H, W = x.shape[1:]
+    yy, xx = np.mgrid[:H, :W]
+    n_blob = 0
+    for i in range(1, batch, 2):
+        brain = np.argwhere(x[i] > 0)                                         # [P, 2]
+        if len(brain) == 0:
+            continue
+        cy, cx = brain.mean(0)
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 12 ** 2) & (x[i] > 0)    # 12 px ~ 1.5 tokens
+        x[i][disc] = 1.0
+        n_blob += 1
+    return torch.from_numpy(x)[:, None], n_blob, f"{path.relative_to(run)} ({len(s)} slices)"
+
+
+@torch.no_grad()
+def reference_io(modules: dict, x: torch.Tensor, R: int, lam: float
+                 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+    """Inputs and PyTorch outputs of each graph along one loop step on x [B,1,H,W]. Each graph is fed the
+    reference outputs of the graph before it, so each check measures one graph alone. The MVTM's mask is the
+    ATD's (`p > lam`) plus a seeded random FORCED_MASK share, so enough tokens are re-sampled."""
+    g = torch.Generator().manual_seed(SEED)
+    tokens = modules["encode"](x)                                            # [B, N] int32
+    rep = tokens.repeat_interleave(R, dim=0)                                 # [BR, N]
+    probs = modules["atd"](rep)                                              # [BR, N]
+    mask = (probs > lam) | (torch.rand(rep.shape, generator=g) < FORCED_MASK)
+    noise = torch.rand(rep.shape, generator=g)                               # [BR, N] in [0, 1)
+    sampled = modules["mvtm_step"](rep, mask, noise)                         # [BR, N] int32
+    maps = modules["decode_score"](sampled, x)                               # [B, H, W]
+    feeds = {"encode": {"x": x}, "atd": {"tokens": rep},
+             "mvtm_step": {"tokens": rep, "mask": mask, "noise": noise},
+             "decode_score": {"tokens": sampled, "x": x}}
+    want = {"encode": [tokens], "atd": [probs], "mvtm_step": [sampled], "decode_score": [maps]}
+    return ({k: {n: v.numpy() for n, v in f.items()} for k, f in feeds.items()},
+            {k: dict(zip(IO_NAMES[k][1], (t.numpy() for t in w))) for k, w in want.items()})
+
+
+def make_engines(folder: Path, keys: list[str], manifest: Manifest, say) -> str:
+    """Build (or find cached) TensorRT engines for the graphs `keys` in `folder`; returns one status line."""
+    from mimood.export.trt import ensure_engine, find_engine, trt_available
+
+    ok, why = trt_available()
+    if not ok:
+        return f"TensorRT not available: {why}; ONNX graphs written"
+    built, cached = [], []
+    for k in keys:
+        path, precision = folder / manifest.graphs[k]["file"], manifest.graphs[k]["precision"]
+        if find_engine(path, precision) is not None:
+            cached.append(k)
+            continue
+        say(f"building TensorRT engine for {path.name}")
+        ensure_engine(path, precision, folder / "timing.cache")
+        built.append(k)
+    parts = [f"built {', '.join(built)}" if built else "", f"cached {', '.join(cached)}" if cached else ""]
+    return f"TensorRT engines ({why}): " + "; ".join(p for p in parts if p)
+
+
+def _printer(progress: bool):
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+    return say
+
+
+def _load_config(run: Path) -> RunConfig:
+    if not run.is_dir():
+        raise InputError(run, "run folder not found")
+    path = run / "config.json"
+    if not path.is_file():
+        raise InputError(path, "not found (is this a mimood run folder?)")
+    try:
+        return RunConfig.load(path)
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise InputError(path, f"not a valid run config ({e})") from None
+
+
+def _load_calibration(run: Path) -> dict:
+    """`<run>/calibration.json` ({"lam", "threshold"}) when the run was calibrated, else {}."""
+    path = run / "calibration.json"
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"cannot read calibration ({e})") from None
+    if not isinstance(d, dict) or not {"lam", "threshold"} <= set(d):
+        raise InputError(path, "calibration must be a JSON object with keys 'lam' and 'threshold'")
+    return {"lam": float(d["lam"]),
+            "threshold": None if d["threshold"] is None else float(d["threshold"])}
+
+
+def _load_checkpoint(run: Path, kind: str):
+    path = run / kind / "best.safetensors"
+    if not path.is_file():
+        raise InputError(path, f"checkpoint not found (train it: mimood-train {kind})")
+    model, info = load_model(path)
+    if info["kind"] != kind:
+        raise InputError(path, f"holds a {info['kind']} model, expected {kind}")
+    return model
+
+
+def _check_out(out: Path) -> None:
+    """`out` is replaced whole at the end: refuse a folder that is not an export folder."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise InputError(out, "exists and is not an export folder (no manifest.json); not replacing it")
+
+
+def _carry_engines(out: Path, tmp: Path) -> None:
+    """Copy the previous export's engines and timing cache, so unchanged graphs reuse their engines
+    (`find_engine` deletes those whose graph changed)."""
+    if out.is_dir():
+        for f in [*out.glob("*.engine"), *out.glob("*.engine.json"), *out.glob("timing.cache")]:
+            shutil.copyfile(f, tmp / f.name)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`, replacing a previous export."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""`mimood-export` through click: its summary lines, overrides reaching the manifest, exit codes 1 (a graph
+fails its check) and 2 (bad run folder) with one-line errors."""
+import pytest
+from click.testing import CliRunner
+from test_export_graphs import make_random_run
+
+from mimood.cli.export import main
+from mimood.export import export as ex
+from mimood.export.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_random_run(tmp_path_factory.mktemp("cli") / "run")
+
+
+def test_export_without_validation_and_overrides(run, tmp_path):
+    out = tmp_path / "exp"
+    r = CliRunner().invoke(main, ["--run", str(run), "--out", str(out), "--batch", "2", "-R", "3", "-T", "5",
+                                  "--lam", "0.01", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "graphs for batch 2 x R 3 (T 5, lambda 0.01):"
+    assert [ln.split()[:3] for ln in lines[1:5]] == [
+        [f"{g}.onnx", "fp32", "not"] for g in ("encode", "atd", "mvtm_step", "decode_score")]
+    assert "TensorRT" in lines[5]
+    assert lines[6] == f"manifest: {out / 'manifest.json'}"
+    m = Manifest.load(out)
+    assert (m.batch, m.R, m.T, m.lam, m.threshold, m.validation) == (2, 3, 5, 0.01, 0.2, {})
+    assert m.graphs["mvtm_step"]["inputs"]["mask"] == [[6, 400], "bool"]
+    assert m.verify(out) == []
+
+
+def test_failed_check_exits_1(run, tmp_path, monkeypatch):
+    strict = ex.Tolerances(**{**ex.TOLERANCES["fp32"].__dict__, "token_mismatch": -1.0})
+    monkeypatch.setitem(ex.TOLERANCES, "fp32", strict)
+    r = CliRunner().invoke(main, ["--run", str(run), "--out", str(tmp_path / "exp"), "--batch", "2"])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: encode.onnx does not match PyTorch: FAIL tokens")
+    assert not (tmp_path / "exp").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("missing", "run folder not found"),
+    ("config", "config.json: not a valid run config"),
+    ("vqvae", "vqvae/best.safetensors: checkpoint not found"),
+])
+def test_bad_run_folder_exits_2(run, tmp_path, damage, problem):
+    import shutil
+    bad = tmp_path / "run"
+    if damage != "missing":
+        shutil.copytree(run, bad)
+    if damage == "config":
+        (bad / "config.json").write_text('{"preset": "tiny", "no_such_key": 1}')
+    if damage == "vqvae":
+        (bad / "vqvae" / "best.safetensors").unlink()
+    r = CliRunner().invoke(main, ["--run", str(bad)])
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and problem in r.stderr
+    assert r.stderr.startswith("error: ")
