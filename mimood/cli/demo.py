@@ -1,4 +1,29 @@
-"""`mimood-demo`."""
-from mimood.cli._common import not_implemented
+"""`mimood-demo`: the whole pipeline on the built-in demo data (the README's first Quickstart command)."""
+from __future__ import annotations
 
-main = not_implemented("mimood-demo")
+import time
+
+import click
+
+from mimood.cli._common import friendly_errors
+from mimood.config import PRESETS
+
+
+@click.command()
+@click.option("--out", default="mimood_demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the demo data, the run, the export and the maps.")
+@click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True)
+@click.option("--steps", type=int, default=None, help="Override the preset's training steps (quick try-outs).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def main(out, preset, steps, quiet):
+    """Generate demo data, train every model, export ONNX graphs, find the demo lesions."""
+    from mimood.pipeline import run_demo
+
+    t0 = time.time()
+    result = run_demo(out, preset=preset, steps=steps, say=click.echo, progress=not quiet)
+    click.echo(f"done in {time.time() - t0:.0f} s; everything is under {result['folder']}")
+
+
+if __name__ == "__main__":
+    main()
