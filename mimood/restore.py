@@ -48,10 +48,12 @@ class Restoration:
 
 
 def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Generator | None = None,
-            lam: float | None = None, keep_tokens: bool = False, noise: str = "host") -> Restoration:
+            lam: float | None = None, keep_tokens: bool = False, noise: str = "host",
+            early_stop: bool = True) -> Restoration:
     """Restore a batch x [B,1,H,W] float32 (values in [0,1], background 0) and return its anomaly maps.
 
     lam overrides cfg.lam (the detector threshold). rng draws the sampling noise (default: seeded by cfg.seed).
+    early_stop=False runs all T iterations even when no token is above lambda (benchmarks time the whole loop).
     """
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     lam = cfg.lam if lam is None else lam
@@ -66,7 +68,7 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
         mask = scores > lam
         n = int(mask.sum())
         masked.append(n)
-        if n == 0:
+        if n == 0 and early_stop:
             break
         u = engine.rand(tuple(mask.shape)) if noise == "device" else \
             engine.put(rng.random(tuple(mask.shape), dtype=np.float32))
