@@ -6,6 +6,9 @@ Export folder (default `<run>/export`):
                                        versions, hashes of graphs and weights, every validation check
     encode.onnx, atd.onnx, mvtm_step.onnx, decode_score.onnx             fp32 graphs (mimood.export.graphs)
     encode.fp16.onnx, ...              half-precision copies (--fp16): same I/O names, shapes and dtypes
+    atd.ort.onnx, mvtm_step.ort.onnx   onnxruntime-only fp32 copies of the transformer graphs (contrib
+                                       MultiHeadAttention; `mimood.export.graphs.export_ort`): faster on
+                                       onnxruntime's CPU provider, not loadable by TensorRT
     weights/{vqvae,atd,mvtm}.safetensors   the run's best checkpoints (the runtime's torch backend)
     <graph>.<key>.engine(.json), timing.cache   TensorRT engines, where TensorRT and a GPU are present
 
@@ -13,10 +16,18 @@ Manifest keys: `graphs[k]` and `validation[k]` use the graph file's stem as k: "
 "decode_score" for fp32 and "encode.fp16", ... for fp16; `graphs[k]["precision"]` says which. The fp32 graphs
 are always written; `--fp16` adds the fp16 ones.
 
-Every graph is run in onnxruntime (CPU) on real held-out slices and compared with its PyTorch module (fp32,
-eager) before it counts as done; the tolerances are `TOLERANCES` below. A failed check fails the export and
-leaves nothing behind: everything is written into a hidden folder beside `out`, and renamed to `out` only when
-complete (engines already in `out` are carried over, so unchanged graphs keep their cached engines).
+The onnxruntime-only copies are not in `graphs` (every backend, TensorRT included, may pick any graph listed
+there): `extra["ort_graphs"][step]` records them, for step "atd" and "mvtm_step", with the same fields as a
+`graphs` entry (file, sha256, precision "fp32", inputs, outputs) plus `source` (the standard graph they were
+made from) and `rewrites` (how many times each rewrite applied); their checks are `validation["atd.ort"]`
+and `validation["mvtm_step.ort"]`. An onnxruntime backend on the CPU should run them instead of atd.onnx and
+mvtm_step.onnx (same inputs and outputs), after checking the hash as for any graph.
+
+Every graph (the onnxruntime-only copies too) is run in onnxruntime (CPU) on real held-out slices and compared
+with its PyTorch module (fp32, eager) before it counts as done; the tolerances are `TOLERANCES` below. A failed
+check fails the export and leaves nothing behind: everything is written into a hidden folder beside `out`, and
+renamed to `out` only when complete (engines already in `out` are carried over, so unchanged graphs keep their
+cached engines).
 """
 from __future__ import annotations
 
@@ -34,10 +45,10 @@ import torch
 from mimood.config import RunConfig
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
-from mimood.export.graphs import (GRAPHS, IO_NAMES, OPSET, build_modules, example_inputs, export_fp16,
-                                  export_onnx)
+from mimood.export.graphs import (GRAPHS, IO_NAMES, OPSET, ORT_GRAPHS, build_modules, example_inputs,
+                                  export_fp16, export_onnx, export_ort)
 from mimood.export.manifest import MANIFEST_NAME, Manifest, file_sha256
-from mimood.export.validate import Check, compare, run_onnx
+from mimood.export.validate import Check, compare, graph_io, run_onnx
 from mimood.models.checkpoint import load_model
 
 MODELS = ("vqvae", "atd", "mvtm")
@@ -125,18 +136,25 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
     try:
         precisions = ["fp32", "fp16"] if fp16 else ["fp32"]
         for name in GRAPHS:
-            for precision in precisions:
-                key = name if precision == "fp32" else f"{name}.fp16"
+            for precision in precisions + (["ort"] if name in ORT_GRAPHS else []):
+                key = name if precision == "fp32" else f"{name}.{precision}"
                 path = tmp / f"{key}.onnx"
                 say(f"exporting {path.name}")
                 if precision == "fp32":
                     export_onnx(name, modules[name], example_inputs(name, batch, R, K), path)
-                else:
+                    manifest.add_graph(key, path, precision)
+                elif precision == "fp16":
                     report = export_fp16(name, tmp / f"{name}.onnx", path)
                     manifest.extra.setdefault("fp16", {})[key] = {k: v for k, v in report.items() if k != "io"}
-                manifest.add_graph(key, path, precision)
+                    manifest.add_graph(key, path, precision)
+                else:   # onnxruntime-only: recorded beside `graphs`, not in it (module docstring)
+                    rewrites = export_ort(tmp / f"{name}.onnx", path)
+                    manifest.extra.setdefault("ort_graphs", {})[name] = {
+                        "file": path.name, "sha256": file_sha256(path), "precision": "fp32", **graph_io(path),
+                        "source": f"{name}.onnx", "rewrites": rewrites}
                 if validate:
-                    checks = check_graph(name, path, feeds[name], want[name], TOLERANCES[precision], lam)
+                    tol = TOLERANCES["fp16" if precision == "fp16" else "fp32"]   # the ort copies compute in fp32
+                    checks = check_graph(name, path, feeds[name], want[name], tol, lam)
                     manifest.validation[key] = [asdict(c) for c in checks]
                     failed = [str(c) for c in checks if not c.passed]
                     if failed and precision == "fp16" and any(np.isnan(c.max_abs_err) for c in checks):
