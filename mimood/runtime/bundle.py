@@ -1,0 +1,131 @@
+"""An export folder as the runtime sees it: the manifest, the graph file of each loop step at a precision,
+the shapes every backend binds, and the restoration/preprocessing parameters.
+
+Everything here is read from `manifest.json` (never from a run folder or `mimood.train`), and checked when
+the folder is opened, so a wrong or edited export fails with one `InputError` line before any scan is read:
+graph files must exist with the hashes recorded at export, and each graph's inputs and outputs must be the
+names, static shapes and dtypes of the loop contract (`expected_io`) for the manifest's B and R.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mimood.config import IMAGE_SIZE, NUM_TOKENS, DataConfig, RestoreConfig, from_dict
+from mimood.errors import InputError
+from mimood.export.manifest import MANIFEST_NAME, Manifest, file_sha256
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "trt", "ort", "torch")
+PRECISIONS = ("fp32", "fp16")
+# The loop steps in loop order, as `mimood.export.graphs.GRAPHS` names them (not imported from there: that
+# module loads torch and MONAI for the exporter; tests/test_runtime.py checks the two agree).
+GRAPHS = ("encode", "atd", "mvtm_step", "decode_score")
+WEIGHTS = ("vqvae", "atd", "mvtm")
+
+
+def expected_io(B: int, R: int) -> dict[str, dict[str, dict[str, tuple[list[int], str]]]]:
+    """graph -> {"inputs"/"outputs": {tensor name: (static shape, numpy dtype name)}} for B slices, R copies:
+    the contract of `mimood.export.graphs` (same tensor names as its IO_NAMES, which the tests check); fp16
+    graphs keep the same fp32/int32/bool I/O."""
+    H, N, BR = IMAGE_SIZE, NUM_TOKENS, B * R
+    shapes = {
+        "encode": ({"x": ([B, 1, H, H], "float32")}, {"tokens": ([B, N], "int32")}),
+        "atd": ({"tokens": ([BR, N], "int32")}, {"probs": ([BR, N], "float32")}),
+        "mvtm_step": ({"tokens": ([BR, N], "int32"), "mask": ([BR, N], "bool"),
+                       "noise": ([BR, N], "float32")}, {"tokens_out": ([BR, N], "int32")}),
+        "decode_score": ({"tokens": ([BR, N], "int32"), "x": ([B, 1, H, H], "float32")},
+                         {"maps": ([B, H, H], "float32")}),
+    }
+    return {name: {"inputs": ins, "outputs": outs} for name, (ins, outs) in shapes.items()}
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    manifest: Manifest
+    sha256: str                  # of manifest.json (it holds every graph's hash): the export's identity
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Bundle":
+        """Read and check an export folder (see the module docstring)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(folder, "export folder not found")
+        manifest = Manifest.load(folder)
+        problems = manifest.verify(folder)
+        if problems:
+            raise InputError(folder, "; ".join(problems))
+        missing = [g for g in GRAPHS if g not in manifest.graphs]
+        if missing:
+            raise InputError(folder / MANIFEST_NAME, f"no graph {', '.join(missing)} in the manifest")
+        want = expected_io(manifest.batch, manifest.R)
+        for key, g in manifest.graphs.items():
+            if _base(key) not in GRAPHS:
+                raise InputError(folder / MANIFEST_NAME, f"graph {key!r} is not one of the loop steps {GRAPHS}")
+            io = want[_base(key)]
+            got = {side: {k: (list(v[0]), v[1]) for k, v in g[side].items()} for side in ("inputs", "outputs")}
+            if got != io:
+                raise InputError(folder / g["file"], f"graph I/O {got} does not match the loop contract {io} "
+                                                     f"for batch {manifest.batch}, R {manifest.R}")
+        sha = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+        return cls(folder, manifest, sha)
+
+    def graph(self, name: str, precision: str) -> Path:
+        """The ONNX file of loop step `name` at `precision`. An fp16 export may keep a step in fp32 only (the
+        manifest says which); that step then runs in fp32, logged once."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        found = {g["precision"]: g["file"] for key, g in self.manifest.graphs.items() if _base(key) == name}
+        if precision not in found:
+            if precision == "fp16" and not any(p == "fp16" for p in self.precisions()):
+                raise InputError(self.folder, "no fp16 graphs in this export (export it with --fp16)")
+            log.info("%s has no %s graph; it runs in fp32", name, precision)
+            precision = "fp32"
+        return self.folder / found[precision]
+
+    def ort_graph(self, name: str) -> Path | None:
+        """The onnxruntime-only fp32 copy of step `name` (contrib MultiHeadAttention, recorded by the exporter in
+        `manifest.extra["ort_graphs"]`; faster on onnxruntime's CPU provider), checked like the standard graphs;
+        None when the export has none for this step."""
+        g = self.manifest.extra.get("ort_graphs", {}).get(name)
+        if g is None:
+            return None
+        path = self.folder / g["file"]
+        if not path.is_file():
+            raise InputError(path, f"onnxruntime graph for '{name}' is missing")
+        if file_sha256(path) != g["sha256"]:
+            raise InputError(path, f"onnxruntime graph for '{name}' differs from the exported one (sha256 mismatch)")
+        want = expected_io(self.manifest.batch, self.manifest.R)[name]
+        got = {side: {k: (list(v[0]), v[1]) for k, v in g[side].items()} for side in ("inputs", "outputs")}
+        if got != want:
+            raise InputError(path, f"graph I/O {got} does not match the loop contract {want}")
+        return path
+
+    def precisions(self) -> list[str]:
+        return sorted({g["precision"] for g in self.manifest.graphs.values()})
+
+    def weights(self, kind: str) -> Path:
+        """A model checkpoint for the torch backend (`weights/<kind>.safetensors`)."""
+        p = self.folder / "weights" / f"{kind}.safetensors"
+        if not p.is_file():
+            raise InputError(p, "checkpoint not found in the export folder (needed by the torch backend)")
+        recorded = self.manifest.extra.get("weights", {}).get(kind, {}).get("sha256")
+        if recorded is not None and file_sha256(p) != recorded:
+            raise InputError(p, "differs from the exported checkpoint (sha256 mismatch)")
+        return p
+
+    def restore_config(self) -> RestoreConfig:
+        m = self.manifest
+        return RestoreConfig(lam=m.lam, T=m.T, R=m.R, temperature=m.temperature, min_pool=m.min_pool,
+                             avg_pool=m.avg_pool, batch=m.batch, threshold=m.threshold)
+
+    def data_config(self) -> DataConfig:
+        return from_dict(DataConfig, self.manifest.data)
+
+
+def _base(key: str) -> str:
+    """Manifest graph key -> loop step ("atd.fp16" -> "atd")."""
+    return key.split(".")[0]

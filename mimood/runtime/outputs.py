@@ -1,0 +1,143 @@
+"""What `mimood-infer` writes for a scan, and the folder-level report and provenance.
+
+Per scan `<name>` (the input file name without .nii[.gz]), every file written atomically (temporary name,
+renamed when complete, so a killed run leaves no half-written file):
+    <name>.nii[.gz]      float32 anomaly map on the input's grid, with its affine and header
+    <name>_mask.nii.gz   uint8 mask: map > the manifest's calibrated threshold (not written without one)
+    <name>.png           the most anomalous axial slices: input in grey, map as a heat overlay, mask contour
+
+Scan score (until issue #7 supplies an OOD scan score via `manifest.scan_score`): the mean of the top 1% of
+anomaly-map values inside the brain, over the processed slices at 1 mm (slice space, so scans of any voxel
+size are scored on the same grid).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from mimood.data.io import atomic_write, save_nifti
+from mimood.data.preprocess import Slices, to_volume
+
+SCORE_TOP_SHARE = 0.01       # scan score: mean of the top 1% of in-brain map values
+OVERLAY_SLICES = 4           # slices shown in the PNG
+
+
+@dataclass
+class Row:
+    """One line of report.csv."""
+    file: str                      # the input file
+    status: str                    # "ok" or "failed"
+    error: str = ""                # one line when failed
+    scan_score: float | None = None
+    anomalous_ml: float | None = None   # mask voxels x voxel volume (empty without a threshold)
+    slices: int = 0                # slices restored
+    seconds: float = 0.0           # preprocessing + this scan's share of the batches + writing
+    backend: str = ""              # engine detail, e.g. "ort fp32 CPUExecutionProvider"
+
+
+def scan_score(maps: np.ndarray, brain: np.ndarray) -> float:
+    """Mean of the top 1% of maps [S,H,W] values where brain [S,H,W] (bool); 0 for a scan without brain."""
+    from mimood.eval.metrics import topk_mean  # the project's one top-k rule (imports scikit-learn: lazily)
+
+    values = maps[brain]
+    return topk_mean(values, SCORE_TOP_SHARE) if values.size else 0.0
+
+
+def output_paths(out: Path, name: str, image: Path) -> dict[str, Path]:
+    """The files written for a case: map (with the input's own suffix), mask and png."""
+    suffix = ".nii.gz" if image.name.lower().endswith(".nii.gz") else ".nii"
+    return {"map": out / f"{name}{suffix}", "mask": out / f"{name}_mask.nii.gz", "png": out / f"{name}.png"}
+
+
+def write_scan(paths: dict[str, Path], name: str, slices: Slices, maps: np.ndarray,
+               threshold: float | None) -> tuple[float, float | None]:
+    """Write a scan's map, mask (when `threshold` is set) and overlay; returns (scan score, anomalous ml)."""
+    score = scan_score(maps, slices.brain)
+    vol = to_volume(maps, slices.geometry)                                  # float32 on the input grid
+    data = np.asarray(vol.dataobj, dtype=np.float32)                        # [X, Y, Z]
+    save_nifti(data, vol.affine, vol, paths["map"])
+    ml = None
+    if threshold is not None:
+        mask = (data > threshold).astype(np.uint8)
+        save_nifti(mask, vol.affine, vol, paths["mask"], dtype=np.uint8)
+        ml = float(mask.sum()) * abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
+    write_overlay(paths["png"], name, slices, maps, threshold, score)
+    return score, ml
+
+
+def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, threshold: float | None,
+                  score: float) -> None:
+    """PNG of the OVERLAY_SLICES slices with the highest in-brain map maximum, in slice order."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peak = np.where(slices.brain, maps, 0).max(axis=(1, 2))                 # [S]
+    pick = np.sort(np.argsort(-peak, kind="stable")[:OVERLAY_SLICES])
+    vmax = max(float(maps.max()), 1e-6)
+    fig, axes = plt.subplots(1, len(pick), figsize=(2.8 * len(pick), 3.2), squeeze=False)
+    for ax, i in zip(axes[0], pick):
+        ax.imshow(slices.images[i], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(maps[i], cmap="inferno", vmin=0, vmax=vmax,
+                  alpha=0.75 * np.clip(maps[i] / vmax, 0, 1))                # opaque where anomalous
+        if threshold is not None and (maps[i] > threshold).any():
+            ax.contour(maps[i] > threshold, levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(f"slice {slices.index[i]}", fontsize=9)
+        ax.axis("off")
+    mask_note = "" if threshold is not None else " (no calibrated threshold: no mask)"
+    fig.suptitle(f"{name}: scan score {score:.4f}{mask_note}", fontsize=10)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+COLUMNS = [f.name for f in fields(Row)]
+
+
+def write_report(path: Path, rows: list[Row]) -> None:
+    """report.csv, rewritten whole (atomically) after each scan: it always lists every scan done so far."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
+    with atomic_write(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def read_report(path: Path) -> list[Row]:
+    """Rows of an existing report ([] when there is none or it is not one of ours)."""
+    try:
+        with open(path, newline="") as f:
+            records = list(csv.DictReader(f))
+    except OSError:
+        return []
+    if not records or set(records[0]) != set(COLUMNS):
+        return []
+    try:
+        return [Row(d["file"], d["status"], d["error"], *(float(d[k]) if d[k] else None
+                                                           for k in ("scan_score", "anomalous_ml")),
+                    int(d["slices"] or 0), float(d["seconds"] or 0), d["backend"]) for d in records]
+    except (TypeError, ValueError):                 # a hand-edited or foreign file: start afresh
+        return []
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def geometry_summary(slices: Slices) -> dict:
+    """Per-scan provenance: the input grid and what preprocessing did to it (no voxel data)."""
+    g = slices.geometry
+    A = np.array(g.affine)
+    return {"shape": g.shape, "voxel_mm": np.sqrt((A[:3, :3] ** 2).sum(0)).round(4).tolist(),
+            "orientation": "".join(nib.aff2axcodes(A)), "resampled": g.resampled,
+            "slices": len(g.index), "crop": g.crop, "intensity": g.intensity}

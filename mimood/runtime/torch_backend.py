@@ -1,0 +1,74 @@
+"""The PyTorch backend: the reference `TorchEngine` on the export folder's checkpoints, and on a GPU the same
+engine with its two per-iteration steps (ATD and MVTM step) replayed from CUDA graphs.
+
+Each loop iteration launches a few hundred small kernels; a CUDA graph records them once and replays them
+with one launch. A graph reads and writes fixed addresses, so each step gets static input buffers (copied
+into before a replay) and one captured output, per input shape (a folder has one shape: the manifest's
+batch). Capture follows the PyTorch recipe: warm-up on a side stream (cuBLAS/cuDNN pick their kernels and
+workspaces there, outside the capture), then `torch.cuda.graph`; autocast's weight-cast cache is off, as
+captured graphs require. Encoding and decoding run once per batch and stay eager.
+
+Not run on this project's CPU-only CI: the GPU path is exercised only where a CUDA GPU is present.
+"""
+from __future__ import annotations
+
+import torch
+
+from mimood.models.checkpoint import load_model
+from mimood.restore import TorchEngine
+from mimood.runtime.bundle import WEIGHTS, Bundle
+
+
+def load_torch_engine(bundle: Bundle, precision: str = "fp32", device: str | None = None) -> TorchEngine:
+    """TorchEngine (CPU or CUDA eager) or CudaGraphEngine (CUDA) on the export's checkpoints; fp16 = autocast
+    on a GPU (on the CPU fp16 kernels are slow or missing: use fp32 or the ort backend)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ValueError("--precision fp16 with the torch backend needs a CUDA GPU")
+    models = {k: load_model(bundle.weights(k), device=device)[0] for k in WEIGHTS}
+    cls = CudaGraphEngine if device.startswith("cuda") else TorchEngine
+    engine = cls(models["vqvae"], models["atd"], models["mvtm"], bundle.restore_config(), device=device,
+                 autocast=torch.float16 if precision == "fp16" else None)
+    engine.manifest, engine.batch, engine.precision = bundle.manifest, bundle.manifest.batch, precision
+    engine.detail = f"torch {precision} {device}" + (" cuda-graphs" if cls is CudaGraphEngine else " eager")
+    return engine
+
+
+class CudaGraphEngine(TorchEngine):
+    """TorchEngine whose `detect` and `mvtm_step` replay CUDA graphs. Their outputs are the graphs' static
+    buffers, overwritten by the next replay of the same step; `restore()` reads each one before that."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+
+    def _ctx(self):
+        return torch.autocast("cuda", dtype=self.autocast or torch.float32, enabled=self.autocast is not None,
+                              cache_enabled=False)
+
+    @torch.no_grad()
+    def _replay(self, step: str, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        key = (step,) + tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if key not in self.graphs:
+            static = [t.clone() for t in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), self._ctx():
+                for _ in range(3):
+                    fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), self._ctx():
+                out = fn(*static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for buf, t in zip(static, inputs):
+            buf.copy_(t)
+        graph.replay()
+        return out
+
+    def detect(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._replay("atd", self.detector, tokens)                  # [B*R, N] float32
+
+    def mvtm_step(self, tokens: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self._replay("mvtm_step", self.sampler, tokens, mask, noise)  # [B*R, N] int32
