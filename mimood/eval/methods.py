@@ -1,0 +1,117 @@
+"""The compared methods behind one call: a batch of slices x [B,1,H,W] -> anomaly maps [B,H,W] + token scores [B,N].
+
+    mimood            the MIM-OOD loop (`mimood.restore.restore`) with the ATD as detector, threshold lam
+    mvtm_likelihood   the same loop with the MVTM likelihood (NLL) as detector, threshold lam in NLL units
+    token_critic      the same loop with a Token Critic as detector (needs `<run>/critic/`, see token_critic.py)
+    ar                AR restoration (LSR), resample where NLL > lam_nll
+    intensity         the image itself
+
+All restoration methods share one VQ-VAE and one `DecodeScore` (min-pool, average pool, brain mask, mean over R),
+so they differ only in how they pick and re-draw tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mimood.config import RestoreConfig
+from mimood.eval.baselines import MVTMLikelihood, ar_nll, ar_restore, intensity_token_scores
+from mimood.eval.token_critic import CRITIC
+from mimood.models.graphs import ATDGraph
+from mimood.models.checkpoint import load_model
+from mimood.restore import TorchEngine, restore
+
+METHODS = ("mimood", "ar", "mvtm_likelihood", "token_critic", "intensity")
+MODELS = {"mimood": ("vqvae", "atd", "mvtm"), "mvtm_likelihood": ("vqvae", "atd", "mvtm"),
+          "ar": ("vqvae", "atd", "mvtm", "ar"), "token_critic": ("vqvae", "atd", "mvtm", CRITIC), "intensity": ()}
+
+
+@dataclass
+class MethodOutput:
+    maps: np.ndarray            # [B, H, W] float32 anomaly maps (0 outside the brain)
+    token_scores: np.ndarray    # [B, N] float32 token scores of the input tokens (higher = more anomalous)
+
+
+class Method(Protocol):
+    name: str
+    lam: float | None           # the token threshold it restores with (None: no restoration)
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput: ...
+
+
+class RestoreMethod:
+    """MIM-OOD, or the MVTM-likelihood baseline when the engine's detector is `MVTMLikelihood`."""
+
+    def __init__(self, name: str, engine: TorchEngine, cfg: RestoreConfig, lam: float):
+        self.name, self.engine, self.cfg, self.lam = name, engine, cfg, lam
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
+        r = restore(self.engine, x, self.cfg, rng, lam=self.lam)
+        return MethodOutput(r.maps, r.token_scores)
+
+
+class ARMethod:
+    """LSR restoration with the AR transformer; token score = NLL of the input tokens given their prefix."""
+
+    def __init__(self, engine: TorchEngine, ar, lam_nll: float):
+        self.name, self.engine, self.ar, self.lam = "ar", engine, ar.to(engine.device).eval(), lam_nll
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
+        e = self.engine
+        xd = e.put(np.ascontiguousarray(x, dtype=np.float32))
+        tokens = e.encode(xd)                                                # [B, N]
+        rows = e.repeat(tokens)                                              # [B*R, N]
+        noise = e.put(rng.random(tuple(rows.shape), dtype=np.float32))
+        restored, _ = ar_restore(self.ar, rows, noise, self.lam)
+        return MethodOutput(e.get(e.decode_score(restored, xd)), e.get(ar_nll(self.ar, tokens)))
+
+
+class IntensityMethod:
+    name, lam = "intensity", None
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
+        return MethodOutput(np.ascontiguousarray(x[:, 0], dtype=np.float32), intensity_token_scores(x))
+
+
+def available_methods(run: str | Path) -> tuple[str, ...]:
+    """Every method the run can evaluate: token_critic only once `<run>/critic/` has been trained."""
+    has_critic = (Path(run) / CRITIC / "best.safetensors").exists()
+    return tuple(m for m in METHODS if m != "token_critic" or has_critic)
+
+
+def load_models(run: Path, names) -> dict:
+    """The best checkpoints the given methods need (plus the VQ-VAE, which tokenises for every table)."""
+    kinds = {"vqvae"} | {k for n in names for k in MODELS[n]}
+    return {k: load_model(Path(run) / k / "best.safetensors")[0] for k in sorted(kinds)}
+
+
+def build_methods(models: dict, names, cfg: RestoreConfig, lams: dict[str, float], mvtm_stride: int = 2
+                  ) -> dict[str, Method]:
+    """Method objects by name. lams: {"mimood": lambda, "mvtm_likelihood": NLL threshold, "ar": lambda_NLL,
+    "token_critic": critic probability threshold}."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    out: dict[str, Method] = {}
+    engine = None
+    if any(n != "intensity" for n in names):
+        engine = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg)
+    for n in names:
+        if n == "mimood":
+            out[n] = RestoreMethod(n, engine, cfg, lams[n])
+        elif n == "mvtm_likelihood":
+            nll_engine = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg,
+                                     detector=MVTMLikelihood(models["mvtm"], mvtm_stride))
+            out[n] = RestoreMethod(n, nll_engine, cfg, lams[n])
+        elif n == "token_critic":
+            critic_engine = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg,
+                                        detector=ATDGraph(models[CRITIC]))
+            out[n] = RestoreMethod(n, critic_engine, cfg, lams[n])
+        elif n == "ar":
+            out[n] = ARMethod(engine, models["ar"], lams[n])
+        else:
+            out[n] = IntensityMethod()
+    return out

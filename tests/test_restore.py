@@ -1,0 +1,100 @@
+"""The MIM-OOD restoration loop (`mimood.restore`) with tiny untrained models: what it may change, what it may not,
+and its seeding."""
+import numpy as np
+import pytest
+import torch
+
+from mimood.config import NUM_TOKENS, preset
+from mimood.models.graphs import DecodeScore, EncodeGraph
+from mimood.models.transformer import TokenTransformer
+from mimood.models.vqvae import VQVAE
+from mimood.restore import TorchEngine, restore
+
+CFG = preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def engine_parts():
+    torch.manual_seed(0)
+    vq = VQVAE(CFG.vqvae).eval()
+    atd, mvtm = TokenTransformer(CFG.transformer, "atd").eval(), TokenTransformer(CFG.transformer, "mvtm").eval()
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 1, 160, 160), dtype=np.float32)
+    x[:, :, :, :30] = 0                                        # background strip
+    return vq, atd, mvtm, x
+
+
+def _engine(parts, **cfg):
+    vq, atd, mvtm, _ = parts
+    c = CFG.restore.__class__(**{**CFG.restore.__dict__, **cfg})
+    return TorchEngine(vq, atd, mvtm, c), c
+
+
+def test_tokens_outside_the_mask_never_change(engine_parts):
+    x = engine_parts[3]
+    eng, cfg = _engine(engine_parts, T=1, R=2)
+    with torch.no_grad():
+        tokens = eng.encode(torch.from_numpy(x))                                # [B, N]
+        scores = eng.detect(eng.repeat(tokens)).numpy()                         # [B*R, N]
+    lam = float(np.median(scores))                                              # about half the tokens masked
+    r = restore(eng, x, cfg, np.random.default_rng(0), lam=lam, keep_tokens=True)
+    mask = scores > lam
+    start = eng.repeat(tokens).numpy()
+    assert 0.3 < mask.mean() < 0.7 and r.masked == [int(mask.sum())]
+    assert np.array_equal(r.tokens[~mask], start[~mask])
+    assert (r.tokens[mask] != start[mask]).mean() > 0.5                        # masked tokens were redrawn
+    np.testing.assert_array_equal(r.token_scores, scores[::2])                  # first replica of each slice
+
+
+def test_masked_tokens_are_recomputed_each_iteration_and_only_they_change(engine_parts):
+    x = engine_parts[3]
+    eng, cfg = _engine(engine_parts, T=3, R=2)
+    with torch.no_grad():
+        scores = eng.detect(eng.repeat(eng.encode(torch.from_numpy(x)))).numpy()
+    lam = float(np.quantile(scores, 0.9))
+    r = restore(eng, x, cfg, np.random.default_rng(0), lam=lam, keep_tokens=True)
+    assert len(r.masked) == 3 and r.masked[0] == int((scores > lam).sum())
+    # replay the loop step by step with the same noise: every iteration masks the current tokens' detections
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        tok = eng.repeat(eng.encode(torch.from_numpy(x)))
+        for n in r.masked:
+            mask = eng.detect(tok) > lam
+            assert int(mask.sum()) == n
+            new = eng.mvtm_step(tok, mask, torch.from_numpy(rng.random(tuple(mask.shape), dtype=np.float32)))
+            assert torch.equal(new[~mask], tok[~mask])
+            tok = new
+    np.testing.assert_array_equal(r.tokens, tok.numpy())
+
+
+def test_lambda_one_leaves_the_reconstruction_untouched(engine_parts):
+    vq, _, _, x = engine_parts
+    eng, cfg = _engine(engine_parts, T=4, R=2)
+    r = restore(eng, x, cfg, np.random.default_rng(0), lam=1.0, keep_tokens=True)   # sigmoid <= 1: none above
+    assert r.masked == [0]
+    with torch.no_grad():
+        tokens = EncodeGraph(vq)(torch.from_numpy(x))
+        want = DecodeScore(vq, 2, cfg.min_pool, cfg.avg_pool)(tokens.repeat_interleave(2, 0), torch.from_numpy(x))
+    np.testing.assert_array_equal(r.tokens, tokens.repeat_interleave(2, 0).numpy())
+    np.testing.assert_allclose(r.maps, want.numpy(), atol=1e-6)
+    # the smoothed |reconstruction - input|: zero outside the brain, positive inside (an untrained VQ-VAE)
+    assert (r.maps[:, :, :30] == 0).all()
+    assert r.maps.shape == (3, 160, 160) and r.maps[:, :, 40:].min() > 0
+
+
+def test_restorations_differ_across_seeds_and_repeat_within_a_seed(engine_parts):
+    x = engine_parts[3]
+    eng, cfg = _engine(engine_parts, T=2, R=3)
+    a = restore(eng, x, cfg, np.random.default_rng(5), keep_tokens=True)
+    b = restore(eng, x, cfg, np.random.default_rng(5), keep_tokens=True)
+    c = restore(eng, x, cfg, np.random.default_rng(6), keep_tokens=True)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.maps, b.maps)
+    assert (a.tokens != c.tokens).mean() > 0.1
+    assert not np.allclose(a.maps, c.maps)
+    rows = a.tokens.reshape(3, 3, NUM_TOKENS)                                    # [B, R, N]
+    assert (rows[:, 0] != rows[:, 1]).any(axis=1).all()                         # the R restorations differ
+    # the default generator is seeded by cfg.seed
+    d = restore(eng, x, cfg, keep_tokens=True)
+    e = restore(eng, x, cfg, np.random.default_rng(cfg.seed), keep_tokens=True)
+    np.testing.assert_array_equal(d.tokens, e.tokens)
