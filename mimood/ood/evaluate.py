@@ -1,0 +1,117 @@
+"""The slice/scan-level OOD table (issue #7): each score's AUROC, AUPR and FPR at 95% TPR for healthy versus
+lesion slices and scans, next to the ATD-based and anomaly-map-based scores, plus token-level AP/AUROC.
+
+    table = evaluate_ood(cases, scorer)
+    table["scan"]["vim"] == {"auroc": ..., "aupr": ..., "fpr95": ...}      (JSON keys scan.<score>.<metric>)
+    table["slice"][...], table["token"][...] == {"ap": ..., "auroc": ...}, table["counts"]
+
+Labels: a slice is a lesion slice when at least `min_lesion_px` of its pixels are labelled, healthy when none
+is, and left out when in between; a scan is a lesion scan when any slice is labelled. Token labels: a brain
+token is a lesion token when any of its pixels is (mimood.eval.metrics.token_labels, rule "any"); only brain
+tokens (the ones the slice scores aggregate) are ranked. With one class missing (e.g. BraTS has no healthy
+scan) a metric is NaN.
+
+Comparison rows (named by the caller, e.g. "atd", "map") use the scorer's aggregation too, so all rows differ
+only in the token or pixel score:
+    token_scores[name]  e.g. ATD probabilities of the input tokens [S, N]: top-k mean over brain tokens, top-m
+                        over slices, and a token-level row;
+    maps[name]          e.g. restoration anomaly maps [S, H, W]: top-k mean over brain pixels (k the same share
+                        of them), top-m over slices.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mimood.eval.metrics import detection_metrics, token_labels, token_metrics, topk_mean
+from mimood.ood.scan import Aggregation, OODScorer, scan_aggregate, slice_aggregate
+
+
+@dataclass
+class EvalCase:
+    """One scan's slices, as the evaluation sees them (arrays in slice order)."""
+    name: str
+    tokens: np.ndarray                    # [S, N] int, VQ codes of the input slices
+    fg: np.ndarray                        # [S, N] brain share per token (mimood.ood.features.brain_share)
+    labels: np.ndarray | None = None      # [S, H, W] bool lesion mask; None = healthy scan
+    token_scores: dict[str, np.ndarray] = field(default_factory=dict)   # name -> [S, N], e.g. ATD probs
+    maps: dict[str, np.ndarray] = field(default_factory=dict)           # name -> [S, H, W] anomaly maps
+    brain: np.ndarray | None = None       # [S, H, W] bool brain mask (needed with maps)
+    h: np.ndarray | None = None           # [S, N, d] MVTM features (computed with the scorer when None)
+
+
+def _map_slice_scores(maps: np.ndarray, brain: np.ndarray, k: float | int) -> np.ndarray:
+    """Top-k mean of each slice's map over its brain pixels (k as a share of them, or a count)."""
+    return np.array([topk_mean(m[b], k) if b.any() else 0.0 for m, b in zip(maps, brain)])
+
+
+def evaluate_ood(cases: list[EvalCase], scorer: OODScorer, agg: Aggregation | None = None,
+                 min_lesion_px: int = 1) -> dict:
+    """The OOD table over `cases` (see the module docstring). `agg` overrides the scorer's aggregation."""
+    if not cases:
+        raise ValueError("no cases to evaluate")
+    agg = agg or scorer.agg
+    slice_s: dict[str, list] = {}
+    scan_s: dict[str, list] = {}
+    token_s: dict[str, list] = {}
+    slice_y, scan_y, token_y = [], [], []
+    for case in cases:
+        S = len(case.tokens)
+        h = scorer.features(case.tokens) if case.h is None else case.h
+        res = scorer.scores_from_features(h, case.tokens, case.fg, agg)
+        token, slices, mask = dict(res.token), dict(res.slice), res.brain    # mask [S, N] brain tokens
+        clash = (set(case.token_scores) | set(case.maps)) & set(slices)
+        if clash or set(case.token_scores) & set(case.maps):
+            raise ValueError(f"{case.name}: comparison names must differ from each other and from "
+                             f"{sorted(slices)}")
+        for name, s in case.token_scores.items():
+            token[name] = np.asarray(s, dtype=np.float64)
+            slices[name] = slice_aggregate(token[name], mask, agg.token_topk)
+        if case.maps and case.brain is None:
+            raise ValueError(f"{case.name}: anomaly maps need the brain mask")
+        for name, m in case.maps.items():
+            slices[name] = _map_slice_scores(np.asarray(m), np.asarray(case.brain, bool), agg.token_topk)
+        labels = np.zeros((S, 1, 1), bool) if case.labels is None else np.asarray(case.labels, bool)
+        px = labels.reshape(S, -1).sum(axis=1)                               # [S] lesion pixels per slice
+        keep = (px == 0) | (px >= min_lesion_px)
+        slice_y.append(px[keep] > 0)
+        scan_y.append(np.array([px.sum() > 0]))
+        tok_y = token_labels(labels).reshape(S, -1) if case.labels is not None else np.zeros(mask.shape, bool)
+        token_y.append(tok_y[mask])
+        for name, s in slices.items():
+            slice_s.setdefault(name, []).append(s[keep])
+            scan_s.setdefault(name, []).append(np.array([scan_aggregate(s, agg.slice_topm)]))
+        for name, s in token.items():
+            token_s.setdefault(name, []).append(s[mask])
+    for table in (slice_s, scan_s, token_s):
+        missing = [n for n, v in table.items() if len(v) != len(cases)]
+        if missing:
+            raise ValueError(f"scores {missing} are given for some cases only")
+    slice_y, scan_y, token_y = np.concatenate(slice_y), np.concatenate(scan_y), np.concatenate(token_y)
+    return {
+        "slice": {n: detection_metrics(np.concatenate(v), slice_y) for n, v in slice_s.items()},
+        "scan": {n: detection_metrics(np.concatenate(v), scan_y) for n, v in scan_s.items()},
+        "token": {n: token_metrics(np.concatenate(v), token_y) for n, v in token_s.items()},
+        "counts": {"scans": len(cases), "lesion_scans": int(scan_y.sum()), "slices": int(slice_y.size),
+                   "lesion_slices": int(slice_y.sum()), "brain_tokens": int(token_y.size),
+                   "lesion_tokens": int(token_y.sum()), "min_lesion_px": int(min_lesion_px)},
+        "aggregation": {"fg_min": agg.fg_min, "token_topk": agg.token_topk, "slice_topm": agg.slice_topm},
+    }
+
+
+def format_table(table: dict, title: str = "") -> str:
+    """A plain-text table of one evaluate_ood result (slice, scan and token columns per score)."""
+    names = list(table["slice"])
+    lines = [title] if title else []
+    lines.append(f"{'score':<12} {'slice AUROC':>11} {'AUPR':>6} {'FPR95':>6}   {'scan AUROC':>10} {'AUPR':>6} "
+                 f"{'FPR95':>6}   {'token AP':>8} {'AUROC':>6}")
+
+    def f(x):
+        return "   nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.3f}"
+    for n in names:
+        s, c, t = table["slice"][n], table["scan"][n], table["token"].get(n, {})
+        lines.append(f"{n:<12} {f(s['auroc']):>11} {f(s['aupr'])} {f(s['fpr95'])}   {f(c['auroc']):>10} "
+                     f"{f(c['aupr'])} {f(c['fpr95'])}   {f(t.get('ap')):>8} {f(t.get('auroc'))}")
+    return "\n".join(lines)

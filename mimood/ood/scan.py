@@ -1,0 +1,220 @@
+"""Token, slice and scan OOD scores of a fitted run (`<run>/ood.safetensors`, written by mimood.ood.fit).
+
+Every score is "higher = more anomalous". Per token (all 400 positions; only brain tokens are aggregated):
+    vim, residual, mahalanobis       from the MVTM features h (mimood.ood.features)
+    energy, max_logit, nll           from the logits head(h) (nll uses the observed code)
+    vim_nll                          -log p~(z) under the softmax over [logits, alpha * residual] (ViM's
+                                     virtual logit appended as a 257th class): nll + softplus(vim), so it
+                                     needs both an unexpected code and an unusual feature to be high
+Per slice: each token score is first normalised by the healthy atlas of its position (mimood.ood.atlas: z-score
+against healthy tokens at the same axial position bin and grid position), then aggregated as the top-k mean over
+the slice's brain tokens (k a share of them, default 2%: the max is noisy, the mean dilutes small lesions);
+`knn` is the distance of the slice's pooled feature (mean h over brain tokens, L2-normalised) to its k-th
+nearest healthy training slice. Per scan: the top-m mean of the slice scores (default m = 3).
+
+A brain token is one with at least `fg_min` (default 0.5) of its 8 x 8 pixels inside the brain; a slice with
+no such token uses its tokens with any brain (the preprocessing keeps only slices with >= 2% brain).
+
+The scorer needs only h, the observed tokens and the brain share: `scores_from_features` is free of torch, so
+a runtime that computes h with an exported `FeatureGraph` can score without the MVTM checkpoint; `score`
+computes h with the run's MVTM in PyTorch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from mimood.errors import InputError
+from mimood.eval.metrics import topk_mean
+from mimood.ood.atlas import Atlas, slice_bins
+from mimood.ood.scores import (KNNStats, MahalanobisStats, ViMStats, energy_score, knn_score,
+                               mahalanobis_score, max_logit_score, nll_score, residual_score,
+                               stats_from_tensors, vim_score)
+
+OOD_FILE = "ood.safetensors"
+TOKEN_SCORES = ("vim", "vim_nll", "residual", "mahalanobis", "energy", "max_logit", "nll")
+SLICE_SCORES = TOKEN_SCORES + ("knn",)
+
+
+@dataclass
+class Aggregation:
+    """How token scores become slice and scan scores."""
+    fg_min: float = 0.5               # brain token: at least this share of its pixels is brain
+    token_topk: float | int = 0.02    # slice = top-k mean over brain tokens (float: share, int: count)
+    slice_topm: int = 3               # scan = top-m mean over slices
+    position_norm: bool = True        # z-score token scores against the healthy atlas (mimood.ood.atlas)
+
+
+def brain_tokens(fg: np.ndarray, fg_min: float) -> np.ndarray:
+    """Brain tokens [S, N] bool from the brain share per token fg [S, N]; a slice with none falls back to its
+    tokens with any brain, and a slice with no brain at all is an error (it has nothing to score)."""
+    fg = np.asarray(fg, dtype=np.float32)
+    mask = fg >= fg_min
+    empty = ~mask.any(axis=1)
+    mask[empty] = fg[empty] > 0
+    if not mask.any(axis=1).all():
+        raise ValueError(f"{int((~mask.any(axis=1)).sum())} slices have no brain pixel to score")
+    return mask
+
+
+def slice_aggregate(scores: np.ndarray, mask: np.ndarray, k: float | int) -> np.ndarray:
+    """Top-k mean of scores [S, N] over each slice's masked tokens [S, N] -> [S] float64."""
+    return np.array([topk_mean(s[m], k) for s, m in zip(scores, mask)])
+
+
+def scan_aggregate(slice_scores: np.ndarray, m: int) -> float:
+    """Top-m mean of a scan's slice scores [S]."""
+    return topk_mean(slice_scores, int(m))
+
+
+def pooled_features(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean feature over each slice's brain tokens: h [S, N, d], mask [S, N] -> [S, d] float64 (KNN input)."""
+    w = np.asarray(mask, dtype=np.float64)                                  # [S, N]
+    return np.einsum("sn,snd->sd", w, h, dtype=np.float64) / w.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class OODResult:
+    token: dict[str, np.ndarray]      # name -> [S, N] token scores (atlas z-scores with position_norm)
+    slice: dict[str, np.ndarray]      # name -> [S] slice scores (token scores aggregated, plus knn)
+    scan: dict[str, float]            # name -> scan score
+    brain: np.ndarray                 # [S, N] bool, the tokens that were aggregated
+
+
+@dataclass
+class OODScorer:
+    """Fitted statistics and the vocabulary head; see the module docstring."""
+    vim: ViMStats
+    mahalanobis: MahalanobisStats
+    knn: KNNStats
+    atlas: dict[str, Atlas]           # token score name -> healthy position atlas
+    W: np.ndarray                     # [K, d] float64 vocabulary head
+    b: np.ndarray                     # [K] float64
+    meta: dict                        # pass_type, aggregation, scan_score, reference, fit details
+    mvtm_path: Path | None = None     # checkpoint for `features` (PyTorch path)
+    device: str = "cpu"               # where `features` runs the MVTM
+    _graph: object = field(default=None, repr=False)
+
+    @property
+    def agg(self) -> Aggregation:
+        return Aggregation(**self.meta["aggregation"])
+
+    @property
+    def scan_score_name(self) -> str:
+        """The score reported as "the" scan OOD score (chosen at fit time)."""
+        return self.meta["scan_score"]
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "OODScorer":
+        """Load `<run>/ood.safetensors` (path = the run folder or the file itself); `features` will run the
+        run's MVTM (<folder of the file>/mvtm/best.safetensors) on `device`."""
+        path = Path(path)
+        file = path / OOD_FILE if path.is_dir() else path
+        if not file.exists():
+            raise InputError(file, "no fitted OOD statistics (run the OOD fit first: mimood.ood.fit.fit_ood)")
+        try:
+            from safetensors import safe_open
+            with safe_open(str(file), framework="numpy") as f:
+                meta = json.loads((f.metadata() or {})["ood"])
+            tensors = load_file(str(file))
+        except Exception as e:  # safetensors raises several types for foreign files
+            raise InputError(file, f"not an OOD statistics file ({e})") from None
+        W, b = tensors.pop("head/W"), tensors.pop("head/b")
+        atlas = {name: Atlas(mean=tensors.pop(f"atlas/{name}/mean"), std=tensors.pop(f"atlas/{name}/std"))
+                 for name in TOKEN_SCORES}
+        stats = stats_from_tensors(tensors)
+        run = file.parent
+        mvtm = run / "mvtm" / "best.safetensors"
+        return cls(vim=stats["vim"], mahalanobis=stats["mahalanobis"], knn=stats["knn"], atlas=atlas, W=W, b=b,
+                   meta=meta,
+                   mvtm_path=mvtm if mvtm.exists() else None, device=device)
+
+    # -- features (PyTorch) -----------------------------------------------------------------------------------
+    def features(self, tokens: np.ndarray) -> np.ndarray:
+        """h [S, N, d] float32 of tokens [S, N] with the run's MVTM and the fitted pass type."""
+        if self._graph is None:
+            from mimood.models.checkpoint import load_model
+            from mimood.ood.features import FeatureGraph
+            from mimood.ood.fit import check_mvtm_hash
+            if self.mvtm_path is None:
+                raise InputError("mvtm/best.safetensors", "the MVTM checkpoint is needed to compute features")
+            check_mvtm_hash(self.mvtm_path, self.meta["mvtm_sha256"])
+            mvtm, _ = load_model(self.mvtm_path, device=self.device)
+            self._graph = FeatureGraph(mvtm, self.meta["pass_type"])
+        from mimood.ood.features import mvtm_features
+        return mvtm_features(self._graph, tokens)
+
+    # -- scores -----------------------------------------------------------------------------------------------
+    def token_scores(self, h: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Every raw token score (no position normalisation): h [S, N, d], tokens [S, N] -> {name: [S, N]
+        float64}."""
+        h = np.asarray(h)
+        tokens = np.asarray(tokens).astype(np.int64)
+        if h.ndim != 3 or h.shape[:2] != tokens.shape or h.shape[2] != self.W.shape[1]:
+            raise ValueError(f"h {h.shape} must be [S, N, {self.W.shape[1]}] matching tokens {tokens.shape}")
+        S, N, d = h.shape
+        out = {name: np.empty((S, N)) for name in TOKEN_SCORES}
+        step = max(1, 16384 // N)                                           # slices per float64 chunk
+        for i in range(0, S, step):
+            hs = h[i:i + step].reshape(-1, d).astype(np.float64)           # [c, d]
+            z = tokens[i:i + step].ravel()
+            logits = hs @ self.W.T + self.b                                 # [c, K]
+            n = len(hs) // N
+            vim = vim_score(hs, logits, self.vim)                            # [c]
+            nll = nll_score(logits, z)
+            out["vim"][i:i + n] = vim.reshape(n, N)
+            out["vim_nll"][i:i + n] = (nll + np.logaddexp(0.0, vim)).reshape(n, N)
+            out["residual"][i:i + n] = residual_score(hs, self.vim).reshape(n, N)
+            out["mahalanobis"][i:i + n] = mahalanobis_score(hs, z, self.mahalanobis).reshape(n, N)
+            out["energy"][i:i + n] = energy_score(logits).reshape(n, N)
+            out["max_logit"][i:i + n] = max_logit_score(logits).reshape(n, N)
+            out["nll"][i:i + n] = nll.reshape(n, N)
+        return out
+
+    def scores_from_features(self, h: np.ndarray, tokens: np.ndarray, fg: np.ndarray,
+                             agg: Aggregation | None = None) -> OODResult:
+        """Token, slice and scan scores of ONE scan from its features h [S, N, d], tokens [S, N] and the brain
+        share per token fg [S, N] (mimood.ood.features.brain_share of the slices' brain masks). `agg`
+        overrides the fitted aggregation (evaluation sweeps)."""
+        agg = agg or self.agg
+        mask = brain_tokens(fg, agg.fg_min)
+        token = self.token_scores(h, tokens)
+        if agg.position_norm:
+            bins = slice_bins(len(mask))
+            token = {name: self.atlas[name].normalise(s, bins) for name, s in token.items()}
+        slices = {name: slice_aggregate(s, mask, agg.token_topk) for name, s in token.items()}
+        slices["knn"] = knn_score(pooled_features(h, mask), self.knn)
+        scan = {name: scan_aggregate(s, agg.slice_topm) for name, s in slices.items()}
+        return OODResult(token=token, slice=slices, scan=scan, brain=mask)
+
+    def score(self, tokens: np.ndarray, fg: np.ndarray) -> OODResult:
+        """`scores_from_features` with h computed by the run's MVTM (PyTorch)."""
+        return self.scores_from_features(self.features(tokens), tokens, fg)
+
+    # -- reporting --------------------------------------------------------------------------------------------
+    def report(self, result: OODResult, name: str | None = None) -> dict:
+        """The scan score `name` (default: the chosen one) against the healthy validation scans of the fit:
+        {"score", "value", "z", "percentile", "reference_scans"}. z is (value - mean) / std of the reference
+        scan scores (None with fewer than 2 or zero spread); percentile is the share of reference scans with a
+        lower or equal score, in percent."""
+        name = name or self.scan_score_name
+        value = float(result.scan[name])
+        ref = np.asarray(self.meta["reference"][name], dtype=np.float64)
+        std = float(ref.std(ddof=1)) if ref.size >= 2 else 0.0
+        z = (value - float(ref.mean())) / std if std > 0 else None
+        pct = 100.0 * float((ref <= value).mean()) if ref.size else None
+        return {"score": name, "value": value, "z": z, "percentile": pct, "reference_scans": int(ref.size)}
+
+    def summary(self) -> dict:
+        """What a manifest should record about the OOD scan score (plain JSON)."""
+        m = self.meta
+        ref = np.asarray(m["reference"][m["scan_score"]], dtype=np.float64)
+        return {"file": OOD_FILE, "scan_score": m["scan_score"], "pass_type": m["pass_type"],
+                "aggregation": m["aggregation"], "mvtm_sha256": m["mvtm_sha256"],
+                "reference": {"n": int(ref.size), "mean": float(ref.mean()) if ref.size else math.nan,
+                              "std": float(ref.std(ddof=1)) if ref.size >= 2 else math.nan}}
