@@ -46,12 +46,14 @@ def _resample_at(logp: torch.Tensor, tokens: torch.Tensor, u: torch.Tensor, lam_
 
 
 @torch.no_grad()
-def ar_restore_reference(ar: TokenTransformer, tokens: torch.Tensor, noise: torch.Tensor, lam_nll: float
-                         ) -> torch.Tensor:
+def ar_restore_reference(ar: TokenTransformer, tokens: torch.Tensor, noise: torch.Tensor, lam_nll: float,
+                         positions: int | None = None) -> torch.Tensor:
     """LSR restoration as published: for each raster position i, a full forward pass over the current tokens
-    [B, N]; resample token i where its NLL > lam_nll, drawing with noise[:, i]. Returns the new tokens [B, N]."""
+    [B, N]; resample token i where its NLL > lam_nll, drawing with noise[:, i]. Returns the new tokens [B, N].
+    positions: scan only the first `positions` raster positions (benchmarks time a prefix; every pass costs
+    the same)."""
     tokens = tokens.clone()
-    for i in range(tokens.shape[1]):
+    for i in range(tokens.shape[1] if positions is None else positions):
         logp = F.log_softmax(ar(tokens)[:, i].float(), dim=-1)               # [B, K]
         tokens[:, i] = _resample_at(logp, tokens[:, i], noise[:, i], lam_nll)
     return tokens
