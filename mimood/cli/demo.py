@@ -14,15 +14,18 @@ from mimood.config import PRESETS
               help="Folder for the demo data, the run, the export and the maps.")
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True)
 @click.option("--steps", type=int, default=None, help="Override the preset's training steps (quick try-outs).")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True,
+              help="Inference backend for the demo test scans.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def main(out, preset, steps, quiet):
+def main(out, preset, steps, backend, quiet):
     """Generate demo data, train every model, export ONNX graphs, find the demo lesions."""
     from mimood.pipeline import run_demo
 
     t0 = time.time()
-    result = run_demo(out, preset=preset, steps=steps, say=click.echo, progress=not quiet)
-    click.echo(f"done in {time.time() - t0:.0f} s; everything is under {result['folder']}")
+    result = run_demo(out, preset=preset, steps=steps, say=click.echo, progress=not quiet, backend=backend)
+    click.echo(f"done in {time.time() - t0:.0f} s; maps, masks and PNG overlays of the demo test scans are in "
+               f"{result['folder']}/maps (report.csv lists them)")
 
 
 if __name__ == "__main__":
