@@ -18,9 +18,9 @@ from mimood.eval.metrics import detection_metrics
 from mimood.models.checkpoint import build_model, save_model
 from mimood.ood.atlas import AtlasFit, slice_bins
 from mimood.ood.evaluate import EvalCase, evaluate_ood, format_table
-from mimood.ood.features import FeatureGraph, brain_share, mask_groups, mvtm_features
+from mimood.ood.features import FeatureGraph, mask_groups, mvtm_features
 from mimood.ood.fit import OODFitConfig, fit_ood
-from mimood.ood.scan import Aggregation, OODScorer, brain_tokens, scan_aggregate, slice_aggregate
+from mimood.ood.scan import Aggregation, OODScorer, brain_share, brain_tokens, scan_aggregate, slice_aggregate
 
 GRID = 20
 
@@ -161,18 +161,18 @@ def test_atlas_hand_case():
 def test_fit_writes_loadable_statistics(run):
     scorer = OODScorer.load(run)
     meta = scorer.meta
-    n_brain = int((np.load(run / "data" / "tokens.npz")["fg_train"] >= 0.5).sum())
+    n_brain = int((np.load(run / "data" / "tokens.npz")["fg_train"] >= scorer.agg.fg_min).sum())
     assert meta["fit"]["tokens"] == n_brain and meta["fit"]["slices"] == 24 and meta["fit"]["knn_bank"] == 24
     assert meta["fit"]["D"] in (8, 16, 24) and set(meta["fit"]["dim_sweep_auroc"]) == {"8", "16", "24"}
     assert scorer.vim.D == meta["fit"]["D"] and scorer.vim.alpha > 0
     assert scorer.W.shape == (32, 32) and scorer.mahalanobis.means.shape == (32, 32)
     # every score has one reference value per validation volume (2 here)
-    assert all(len(v) == 2 for v in meta["reference"].values()) and meta["scan_score"] == "vim"
+    assert all(len(v) == 2 for v in meta["reference"].values()) and meta["scan_score"] == "nll"
     rep = scorer.report(scorer.score(np.load(run / "data" / "tokens.npz")["val"][:6],
                                      np.load(run / "data" / "tokens.npz")["fg_val"][:6]))
-    assert rep["score"] == "vim" and rep["reference_scans"] == 2
-    assert rep["value"] == pytest.approx(meta["reference"]["vim"][0])           # volume v0 is a reference
-    assert scorer.summary()["scan_score"] == "vim" and scorer.summary()["reference"]["n"] == 2
+    assert rep["score"] == "nll" and rep["reference_scans"] == 2
+    assert rep["value"] == pytest.approx(meta["reference"]["nll"][0])           # volume v0 is a reference
+    assert scorer.summary()["scan_score"] == "nll" and scorer.summary()["reference"]["n"] == 2
 
 
 def test_fit_is_deterministic_and_subsamples(tmp_path, run):
@@ -239,7 +239,7 @@ def test_evaluate_ood_labels_counts_and_rows(run):
              EvalCase("lesion", lesion_tok, fg, labels, {"atd": atd}, {"map": maps}, brain)]
     t = evaluate_ood(cases, scorer, min_lesion_px=5)
     assert t["counts"] == {"scans": 2, "lesion_scans": 1, "slices": 5, "lesion_slices": 1,
-                           "brain_tokens": int(2 * brain_tokens(fg, 0.5).sum()),
+                           "brain_tokens": int(2 * brain_tokens(fg, scorer.agg.fg_min).sum()),
                            "lesion_tokens": 16 + 1, "min_lesion_px": 5}
     # the 2-px slice has one lesion token (token 10, 10); its ATD score 0.1 ties with the healthy tokens
     assert t["slice"]["atd"] == {"auroc": 1.0, "aupr": 1.0, "fpr95": 0.0}
@@ -251,6 +251,10 @@ def test_evaluate_ood_labels_counts_and_rows(run):
     assert t["slice"]["vim"] == detection_metrics(expected, np.array([0, 0, 0, 0, 1]))
     assert set(t["slice"]) == {"vim", "vim_nll", "residual", "mahalanobis", "energy", "max_logit", "nll", "knn", "atd", "map"}
     assert "vim" in format_table(t)
+    # precomputed per-slice parts (repeated evaluations) give the same table
+    from dataclasses import replace
+    with_parts = [replace(c, parts=scorer.parts(scorer.features(c.tokens), c.tokens, c.fg)) for c in cases]
+    assert evaluate_ood(with_parts, scorer, min_lesion_px=5) == t
     # one class missing: NaN, not an error
     only_lesion = evaluate_ood(cases[1:], scorer, Aggregation(token_topk=3, slice_topm=1))
     assert math.isnan(only_lesion["scan"]["vim"]["auroc"]) and only_lesion["aggregation"]["token_topk"] == 3

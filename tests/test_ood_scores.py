@@ -162,6 +162,21 @@ def test_knn_toy_bank():
         fit_knn(bank, k=5)
 
 
+def test_knn_position_window():
+    """With bins, a query only sees bank slices within one bin of its own; too few of them: the whole bank."""
+    angles = np.deg2rad([0, 90, 180, 270])
+    bank = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    stats = fit_knn(bank, k=1, bins=[0, 5, 5, 9])
+    q = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, -1.0]])
+    # query 0 in bin 0 sees the 0-degree vector; in bin 4 only the 90/180-degree ones; query 2 in bin 8 sees 270
+    np.testing.assert_allclose(knn_score(q, stats, bins=[0, 4, 8]), [0.0, math.sqrt(2), 0.0], atol=1e-7)
+    np.testing.assert_allclose(knn_score(q, stats), [0.0, 0.0, 0.0], atol=1e-7)      # no bins: whole bank
+    three = fit_knn(bank, k=3, bins=[0, 5, 5, 9])
+    np.testing.assert_allclose(knn_score(q[:1], three, bins=[2]), [math.sqrt(2)], atol=1e-7)   # fallback
+    with pytest.raises(ValueError, match="bins"):
+        fit_knn(bank, k=1, bins=[0, 1])
+
+
 def test_logit_scores_hand_case():
     logits = np.array([[0.0, math.log(3.0)], [2.0, 2.0]])
     np.testing.assert_allclose(energy_score(logits), [-math.log(4), -(2 + math.log(2))], rtol=1e-12)

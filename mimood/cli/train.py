@@ -1,4 +1,5 @@
-"""`mimood-train {vqvae,mvtm,atd,ar,all}`: train the models of a run folder.
+"""`mimood-train {vqvae,mvtm,atd,ar,ood,all}`: train the models of a run folder (`ood`: fit the scan-level OOD
+statistics of the trained MVTM into run/ood.safetensors; `all` ends with it).
 
 Multi-process: `torchrun --nproc_per_node=N -m mimood.cli.train all --run-dir DIR ...` (DistributedDataParallel;
 gloo on CPU, nccl on GPUs). torchrun's own parser would take `--run` for its `--run-path`, hence `--run-dir`."""
@@ -23,7 +24,7 @@ def _init_distributed() -> None:
 
 
 @click.command()
-@click.argument("what", type=click.Choice(["vqvae", "mvtm", "atd", "ar", "all"]))
+@click.argument("what", type=click.Choice(["vqvae", "mvtm", "atd", "ar", "ood", "all"]))
 @click.option("--data", "data", multiple=True, type=click.Path(exists=True),
               help="Training volumes (folder or file; repeatable). Default: the built-in demo data.")
 @click.option("--run", "--run-dir", "run", default="runs/default", show_default=True, type=click.Path(),
@@ -39,7 +40,7 @@ def _init_distributed() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, bf16, seed, quiet):
-    """Train the VQ-VAE, the MVTM, the ATD and the AR baseline on healthy scans."""
+    """Train the VQ-VAE, the MVTM, the ATD and the AR baseline on healthy scans, then fit the OOD scan score."""
     from mimood.train.recipes import train
 
     _init_distributed()
@@ -62,8 +63,10 @@ def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, b
     if rank == 0:
         click.echo(f"run folder: {run}")
         for name, s in summary.items():
-            if isinstance(s, dict):
+            if isinstance(s, dict) and "steps" in s:
                 click.echo(f"  {name}: {s['steps']} steps, {s['seconds']} s, val {s['last']}")
+            elif name == "ood" and s:
+                click.echo(f"  ood: scan score {s['scan_score']} ({s['pass_type']} pass), {s['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class Manifest:
     mask_id: int                # [MASK] token id (= K)
     grid: int = GRID            # token grid side (20 -> 400 tokens)
     threshold: float | None = None     # calibrated anomaly-score threshold, None if not calibrated
-    scan_score: str | None = None      # chosen scan-level OOD score, None if none
+    scan_score: str | None = None      # chosen scan-level OOD score (extra["ood"] has its files), None if none
     # name -> {file, sha256, precision, inputs: {name: [shape, dtype]}, outputs: {...}}
     graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)   # graph -> checks against PyTorch
@@ -136,13 +136,18 @@ class Manifest:
         return cls(**d)
 
     def verify(self, folder: str | Path) -> list[str]:
-        """Problems with the graph files in `folder`: missing, or bytes that differ from export."""
+        """Problems with the graph files in `folder`, and with the OOD scan score's graph and statistics when
+        the export has them (`extra["ood"]`): missing, or bytes that differ from export."""
         folder = Path(folder)
+        files = sorted((f"graph '{name}'", g) for name, g in self.graphs.items())
+        ood = self.extra.get("ood")
+        if ood:
+            files += [("OOD feature graph", ood["graph"]), ("OOD statistics", ood["stats"])]
         problems = []
-        for name, g in sorted(self.graphs.items()):
+        for what, g in files:
             p = folder / g["file"]
             if not p.is_file():
-                problems.append(f"{p}: graph '{name}' is missing")
+                problems.append(f"{p}: {what} is missing")
             elif file_sha256(p) != g["sha256"]:
-                problems.append(f"{p}: graph '{name}' differs from the exported one (sha256 mismatch)")
+                problems.append(f"{p}: {what} differs from the exported one (sha256 mismatch)")
         return problems

@@ -6,8 +6,8 @@ the brain (few brain tokens, unusual shapes) score high in healthy scans, and le
 slices. Aggregated raw scores then rank slices by position rather than by lesion: on the cpu-preset run, ViM's
 slice-level AUROC on the demo set (healthy and lesion volumes from one generator) was 0.24, and 0.63 after this
 normalisation (benchmarks/ood_table.py). Preprocessing centres every brain in the 160 x 160 window, so grid
-positions roughly correspond across scans; the axial position is the slice's rank among the scan's kept slices
-(those with >= 2% brain), so it assumes a scan covers the whole brain.
+positions roughly correspond across scans; the axial position is the slice's place between the scan's first and
+last kept slices (those with >= 2% brain), so it assumes a scan covers the whole brain.
 
 z = (score - mean[bin, position]) / std[bin, position], with mean and variance from healthy training slices
 (brain tokens only), shrunk toward the bin's pooled values where a position has few tokens:
@@ -24,12 +24,23 @@ BINS = 10           # axial position bins over a scan's kept slices
 SHRINK = 10.0       # a position with n tokens keeps weight n / (n + SHRINK) against its bin's pooled value
 
 
+def position_bins(index, bins: int = BINS) -> np.ndarray:
+    """Axial position bin [S] of slices at volume indices `index` [S], relative to the first and last of them
+    (a single slice: middle). From indices rather than ranks so that a training scan whose lesion slices were
+    dropped (mimood-train --lesion-margin) keeps its remaining slices at their true positions."""
+    index = np.asarray(index, dtype=np.float64)
+    if index.ndim != 1 or index.size < 1:
+        raise ValueError("a scan needs at least one slice index")
+    span = index.max() - index.min()
+    rel = (index - index.min()) / span if span > 0 else np.full(index.shape, 0.5)
+    return np.minimum((rel * bins).astype(np.int64), bins - 1)
+
+
 def slice_bins(n_slices: int, bins: int = BINS) -> np.ndarray:
-    """Axial position bin [S] of each slice of a scan, from its rank among the scan's S slices (S = 1: middle)."""
+    """Axial position bin [S] of each slice of a scan of S consecutive slices (S = 1: middle)."""
     if n_slices < 1:
         raise ValueError("a scan needs at least one slice")
-    rel = np.arange(n_slices) / (n_slices - 1) if n_slices > 1 else np.array([0.5])
-    return np.minimum((rel * bins).astype(np.int64), bins - 1)
+    return position_bins(np.arange(n_slices), bins)
 
 
 @dataclass

@@ -5,6 +5,8 @@ lesion slices and scans, next to the ATD-based and anomaly-map-based scores, plu
     table["scan"]["vim"] == {"auroc": ..., "aupr": ..., "fpr95": ...}      (JSON keys scan.<score>.<metric>)
     table["slice"][...], table["token"][...] == {"ap": ..., "auroc": ...}, table["counts"]
 
+    table, text = eval_tables(run, data)     # all of it for a run with fitted OOD statistics and a labelled folder
+
 Labels: a slice is a lesion slice when at least `min_lesion_px` of its pixels are labelled, healthy when none
 is, and left out when in between; a scan is a lesion scan when any slice is labelled. Token labels: a brain
 token is a lesion token when any of its pixels is (mimood.eval.metrics.token_labels, rule "any"); only brain
@@ -20,13 +22,16 @@ only in the token or pixel score:
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from mimood.eval.metrics import detection_metrics, token_labels, token_metrics, topk_mean
-from mimood.ood.scan import Aggregation, OODScorer, scan_aggregate, slice_aggregate
+from mimood.ood.scan import Aggregation, OODScorer, SliceParts, brain_share, scan_aggregate, slice_aggregate
 
 
 @dataclass
@@ -34,12 +39,14 @@ class EvalCase:
     """One scan's slices, as the evaluation sees them (arrays in slice order)."""
     name: str
     tokens: np.ndarray                    # [S, N] int, VQ codes of the input slices
-    fg: np.ndarray                        # [S, N] brain share per token (mimood.ood.features.brain_share)
+    fg: np.ndarray                        # [S, N] brain share per token (mimood.ood.scan.brain_share)
     labels: np.ndarray | None = None      # [S, H, W] bool lesion mask; None = healthy scan
     token_scores: dict[str, np.ndarray] = field(default_factory=dict)   # name -> [S, N], e.g. ATD probs
     maps: dict[str, np.ndarray] = field(default_factory=dict)           # name -> [S, H, W] anomaly maps
     brain: np.ndarray | None = None       # [S, H, W] bool brain mask (needed with maps)
     h: np.ndarray | None = None           # [S, N, d] MVTM features (computed with the scorer when None)
+    parts: SliceParts | None = None       # the scorer's per-slice parts (OODScorer.parts), for repeated evaluations
+    index: np.ndarray | None = None       # [S] slice positions in the volume (atlas bins); None = 0..S-1
 
 
 def _map_slice_scores(maps: np.ndarray, brain: np.ndarray, k: float | int) -> np.ndarray:
@@ -59,8 +66,11 @@ def evaluate_ood(cases: list[EvalCase], scorer: OODScorer, agg: Aggregation | No
     slice_y, scan_y, token_y = [], [], []
     for case in cases:
         S = len(case.tokens)
-        h = scorer.features(case.tokens) if case.h is None else case.h
-        res = scorer.scores_from_features(h, case.tokens, case.fg, agg)
+        if case.parts is not None:
+            res = scorer.combine(case.parts, agg, case.index)
+        else:
+            h = scorer.features(case.tokens) if case.h is None else case.h
+            res = scorer.scores_from_features(h, case.tokens, case.fg, agg, case.index)
         token, slices, mask = dict(res.token), dict(res.slice), res.brain    # mask [S, N] brain tokens
         clash = (set(case.token_scores) | set(case.maps)) & set(slices)
         if clash or set(case.token_scores) & set(case.maps):
@@ -115,3 +125,84 @@ def format_table(table: dict, title: str = "") -> str:
         lines.append(f"{n:<12} {f(s['auroc']):>11} {f(s['aupr'])} {f(s['fpr95'])}   {f(c['auroc']):>10} "
                      f"{f(c['aupr'])} {f(c['fpr95'])}   {f(t.get('ap')):>8} {f(t.get('auroc'))}")
     return "\n".join(lines)
+
+
+def load_cases(run: str | Path, data: str | Path, modality: str = "t2", max_cases: int | None = None,
+               slice_stride: int = 1, comparisons: bool = True, progress: bool = True) -> list[EvalCase]:
+    """The labelled cases under `data` as EvalCases, tokenised by the run's best VQ-VAE (PyTorch); with
+    `comparisons`, also the ATD's probabilities of the input tokens ("atd") and the restoration anomaly maps
+    ("map", with the run's calibrated lambda when calibrated). Every `slice_stride`-th slice of each volume
+    (restoration is the cost); cases without a label volume are skipped (a healthy scan needs an all-zero
+    label volume)."""
+    import torch
+
+    from mimood.config import RunConfig
+    from mimood.data.discover import discover
+    from mimood.data.preprocess import preprocess
+    from mimood.models.checkpoint import load_model
+    from mimood.restore import TorchEngine, restore
+
+    run = Path(run)
+    cfg = RunConfig.load(run / "config.json")
+    calibration = run / "calibration.json"
+    lam = json.loads(calibration.read_text())["lam"] if calibration.exists() else cfg.restore.lam
+    engine = TorchEngine.from_run(run) if comparisons else None
+    vqvae = load_model(run / "vqvae" / "best.safetensors")[0].eval()
+    cases = [c for c in discover(data, modality=modality) if c.label is not None][:max_cases]
+    out = []
+    for case in cases:
+        t0 = time.time()
+        s = preprocess(case.image, cfg.data, label=case.label)
+        rows = np.arange(0, len(s.images), slice_stride)
+        x = s.images[rows, None].astype(np.float32)                              # [S, 1, H, W]
+        with torch.no_grad():
+            tokens = np.concatenate([vqvae.encode(torch.from_numpy(x[j:j + 64])).flatten(1).numpy()
+                                     for j in range(0, len(x), 64)]).astype(np.int32)   # [S, N]
+        c = EvalCase(name=case.name, tokens=tokens, fg=brain_share(s.brain[rows]), labels=s.labels[rows],
+                     brain=s.brain[rows], index=s.index[rows])
+        if comparisons:
+            with torch.no_grad():
+                c.token_scores["atd"] = np.concatenate([engine.get(engine.detect(engine.put(tokens[j:j + 256])))
+                                                        for j in range(0, len(x), 256)]).astype(np.float32)
+            b = cfg.restore.batch
+            c.maps["map"] = np.concatenate([restore(engine, x[j:j + b], cfg.restore, lam=lam).maps
+                                            for j in range(0, len(x), b)])
+        out.append(c)
+        if progress:
+            print(f"  {case.name}: {len(x)} slices, {int(c.labels.any(axis=(1, 2)).sum())} with lesion, "
+                  f"{time.time() - t0:.0f} s", flush=True)
+    if not out:
+        from mimood.errors import InputError
+        raise InputError(data, "no case with a label volume (a healthy scan needs an all-zero label)")
+    return out
+
+
+def eval_tables(run: str | Path, data: str | Path, modality: str = "t2", max_cases: int | None = None,
+                slice_stride: int = 1, progress: bool = True) -> tuple[dict, str]:
+    """The OOD table of the run's fitted statistics (<run>/ood.safetensors) on the labelled cases under `data`.
+
+    Returns (JSON-ready dict, printable table). The dict: {"scan"|"slice": {score: {auroc, aupr, fpr95}},
+    "token": {score: {ap, auroc}}, "counts", "aggregation", "scan_score"}, NaN (one class missing) as None.
+    Rows: every OOD score, the ATD-based ("atd") and the anomaly-map-based ("map") scores with the same
+    aggregation (the ATD and the restoration run in PyTorch on every `slice_stride`-th slice: the cost).
+    """
+    scorer = OODScorer.load(run)
+    cases = load_cases(run, data, modality, max_cases, slice_stride, progress=progress)
+    table = evaluate_ood(cases, scorer)
+    table["scan_score"] = scorer.scan_score_name
+    title = (f"OOD scores of {run} on {data} (chosen scan score: {scorer.scan_score_name}); "
+             + ", ".join(f"{k} {v}" for k, v in table["counts"].items()))
+    return _json_ready(table), format_table(table, title)
+
+
+def _json_ready(obj):
+    """Plain Python types, NaN (a metric with one class missing) as None, so strict JSON can hold it."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -76,16 +76,3 @@ def head_weights(mvtm: TokenTransformer) -> tuple[np.ndarray, np.ndarray]:
     """The vocabulary head as float64 numpy: W [K, d], b [K] (K codes; the head has no [MASK] row)."""
     return (mvtm.head.weight.detach().double().numpy().copy(),
             mvtm.head.bias.detach().double().numpy().copy())
-
-
-def brain_share(brain: np.ndarray, grid: int = GRID) -> np.ndarray:
-    """Share of brain pixels under each token: brain [S, H, W] (bool or image > 0) -> [S, grid*grid] float32.
-
-    The same quantity as run/data/tokens.npz's fg_* (an 8 x 8 average pool of the brain mask).
-    """
-    brain = np.asarray(brain)
-    if brain.ndim != 3 or brain.shape[1] % grid or brain.shape[2] % grid:
-        raise ValueError(f"brain must be [S, H, W] with H, W multiples of {grid}, got {brain.shape}")
-    s, h, w = brain.shape
-    blocks = (brain > 0).reshape(s, grid, h // grid, grid, w // grid)
-    return blocks.mean(axis=(2, 4), dtype=np.float64).reshape(s, grid * grid).astype(np.float32)

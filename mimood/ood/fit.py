@@ -11,7 +11,7 @@
    the D whose ViM token score best separates changed from unchanged brain tokens (AUROC) wins. No test scan
    is ever used. alpha comes from the fit set (mimood.ood.scores.fit_vim).
 4. Code-conditional Mahalanobis on the observed codes, shrunk toward the global mean (tau).
-5. KNN bank: the pooled feature of every training slice.
+5. KNN bank: the pooled feature of every training slice, with its axial position bin.
 6. Atlas: each token score's healthy mean and spread per (axial position bin, grid position) over the brain
    tokens of all training slices (mimood.ood.atlas), from a second pass over the features.
 7. Reference: every scan score of each validation volume (never fitted on), so a new scan's score can be
@@ -40,7 +40,7 @@ from mimood.export.manifest import file_sha256
 from mimood.models.checkpoint import load_model
 from mimood.models.masks import atd_masks, corrupt
 from mimood.ood.features import PASSES, FeatureGraph, head_weights, mvtm_features
-from mimood.ood.atlas import AtlasFit, slice_bins
+from mimood.ood.atlas import AtlasFit, position_bins
 from mimood.ood.scan import (OOD_FILE, SLICE_SCORES, TOKEN_SCORES, Aggregation, OODScorer, brain_tokens,
                              pooled_features)
 from mimood.ood.scores import fit_knn, fit_mahalanobis, fit_vim, stats_to_tensors, vim_score
@@ -53,10 +53,12 @@ class OODFitConfig:
     dim_shares: tuple[float, ...] = (0.25, 0.5, 0.75)   # ViM D candidates, as shares of the width d
     tau: float = 50.0                           # Mahalanobis shrinkage of rare codes' means
     knn_k: int = 5                              # KNN: distance to the k-th nearest training slice
-    scan_score: str = "vim"                     # the score reported as the scan's OOD score
+    scan_score: str = "nll"                     # the scan OOD score (best on BraTS and demo: benchmarks/results/ood.md)
     seed: int = 0
     aggregation: Aggregation = field(default_factory=Aggregation)
     batch: int = 128                            # slices per MVTM batch
+    exclude: tuple[str, ...] = ()               # training volumes (names) left out of every statistic: for
+                                                # evaluating on volumes whose healthy slices were trained on
 
 
 def _load_tokens(run: Path) -> dict[str, np.ndarray]:
@@ -70,24 +72,24 @@ def _load_tokens(run: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in ("train", "fg_train", "val", "fg_val")}
 
 
-def _cases(run: Path, split: str, n: int) -> np.ndarray:
-    """Volume id of each slice of a split (the order of tokens.npz "train"[v] / "val")."""
+def _slice_info(run: Path, split: str, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Volume id, slice index in its volume (the order of tokens.npz "train"[v] / "val") and volume names."""
     path = run / "data" / f"{split}_slices.npz"
     if not path.exists():
         raise InputError(path, "slice cache not found")
     with np.load(path) as z:
-        case = z["case"]
+        case, index, names = z["case"], z["index"], [str(x) for x in z["names"]]
     if len(case) != n:
         raise InputError(path, f"{len(case)} {split} slices but {n} token rows")
-    return case
+    return case, index, names
 
 
-def _bins_by_case(case: np.ndarray) -> np.ndarray:
-    """Axial position bin [S] of each slice within its volume (slices of a volume are stored in order)."""
+def _bins_by_case(case: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Axial position bin [S] of each slice within its volume, from its slice index."""
     bins = np.empty(len(case), np.int64)
     for c in np.unique(case):
         rows = np.flatnonzero(case == c)
-        bins[rows] = slice_bins(len(rows))
+        bins[rows] = position_bins(index[rows])
     return bins
 
 
@@ -144,8 +146,13 @@ def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | 
     tok = _load_tokens(run)
     train, fg_train = tok["train"][0], tok["fg_train"]                      # [S, N] variant 0 = un-augmented
     val, fg_val = tok["val"], tok["fg_val"]
-    val_case = _cases(run, "val", len(val))
-    train_bins = _bins_by_case(_cases(run, "train", len(train)))
+    val_case, val_index, _ = _slice_info(run, "val", len(val))
+    train_case, train_index, names = _slice_info(run, "train", len(train))
+    keep = ~np.isin(np.asarray(names)[train_case], list(cfg.exclude))
+    if not keep.any():
+        raise ValueError("every training volume is excluded")
+    train, fg_train, train_case, train_index = train[keep], fg_train[keep], train_case[keep], train_index[keep]
+    train_bins = _bins_by_case(train_case, train_index)
 
     # 1-2, 5: stream the training slices once: fit tokens and pooled slice features
     select = _fit_selection(fg_train, agg.fg_min, cfg.max_fit_tokens, cfg.seed)
@@ -166,16 +173,23 @@ def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | 
     val_mask = brain_tokens(fg_val, agg.fg_min)
     logits_bad = h_bad[val_mask].astype(np.float64) @ W.T + b
     sweep = {}
+    failed = []
     for share in cfg.dim_shares:
         D = int(round(share * d))
-        stats = fit_vim(h_fit, W, b, dim=D)
+        try:
+            stats = fit_vim(h_fit, W, b, dim=D)
+        except ValueError as e:                                              # e.g. no residual beyond this D
+            failed.append(f"D={D}: {e}")
+            continue
         sweep[D] = float(roc_auc_score(changed[val_mask], vim_score(h_bad[val_mask], logits_bad, stats)))
+    if not sweep:
+        raise ValueError(f"ViM cannot be fitted on these features ({'; '.join(failed)})")
     D = max(sweep, key=lambda k: (sweep[k], -abs(k - d // 2)))              # ties: closest to d/2
     vim = fit_vim(h_fit, W, b, dim=D)
 
     # 4: code-conditional Mahalanobis
     maha = fit_mahalanobis(h_fit, z_fit, K, tau=cfg.tau)
-    knn = fit_knn(np.concatenate(pooled), k=cfg.knn_k)
+    knn = fit_knn(np.concatenate(pooled), k=cfg.knn_k, bins=train_bins)
     scorer = OODScorer(vim=vim, mahalanobis=maha, knn=knn, atlas={}, W=W, b=b, meta={})
 
     # 6: the healthy position atlas of every token score (second pass over the training features)
@@ -191,7 +205,8 @@ def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | 
             "mvtm_sha256": file_sha256(mvtm_path),
             "fit": {"tokens": int(len(h_fit)), "slices": int(len(train)), "width": d, "codes": K, "D": D,
                     "dim_sweep_auroc": {str(k): v for k, v in sweep.items()}, "tau": cfg.tau,
-                    "knn_k": cfg.knn_k, "knn_bank": int(len(knn.bank)), "seed": cfg.seed},
+                    "knn_k": cfg.knn_k, "knn_bank": int(len(knn.bank)), "seed": cfg.seed,
+                    "excluded": list(cfg.exclude)},
             "reference": {}}
     scorer.meta = meta
 
@@ -200,7 +215,7 @@ def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | 
     ref = {name: [] for name in SLICE_SCORES}
     for c in np.unique(val_case):
         rows = val_case == c
-        res = scorer.scores_from_features(h_val[rows], val[rows], fg_val[rows])
+        res = scorer.scores_from_features(h_val[rows], val[rows], fg_val[rows], index=val_index[rows])
         for name in SLICE_SCORES:
             ref[name].append(res.scan[name])
     meta["reference"] = ref

@@ -80,13 +80,14 @@ def fit_vim(h, W, b, dim: int | None = None) -> ViMStats:
     cov /= n
     _, vecs = np.linalg.eigh(cov)                                    # ascending eigenvalues
     R = np.ascontiguousarray(vecs[:, : d - D])                       # [d, d-D]: all but the top D
-    residual_sum = max_logit_sum = 0.0
+    residual_sum = max_logit_sum = norm_sum = 0.0
     for sl in _chunks(n):
         x = h[sl].astype(np.float64)
         residual_sum += float(np.linalg.norm((x - u) @ R, axis=1).sum())
+        norm_sum += float(np.linalg.norm(x - u, axis=1).sum())
         max_logit_sum += float((x @ W.T + b).max(axis=1).sum())
-    if residual_sum == 0.0:
-        raise ValueError("all fit features lie in the principal subspace (zero residual): lower dim")
+    if residual_sum <= 1e-6 * norm_sum:     # float32 features carry ~1e-7 relative noise: a residual that small
+        raise ValueError("the fit features lie in the principal subspace (zero residual): lower dim")  # is noise
     alpha = max_logit_sum / residual_sum
     if alpha <= 0.0:
         raise ValueError(f"ViM alpha = {alpha:.4g} <= 0: the mean max-logit of the fit tokens is not positive")
@@ -174,6 +175,7 @@ class KNNStats:
     """A bank of L2-normalised healthy slice vectors for k-th nearest neighbour distance."""
     bank: np.ndarray    # [m, d] float32, unit rows
     k: int
+    bins: np.ndarray    # [m] int64 axial position bin of each bank slice (all 0: no position)
 
 
 def _normalise(x, name: str) -> np.ndarray:
@@ -186,29 +188,44 @@ def _normalise(x, name: str) -> np.ndarray:
     return x / norms
 
 
-def fit_knn(features, k: int = 5) -> KNNStats:
-    """Bank of pooled per-slice vectors [m, d] (healthy train slices), L2-normalised, searched for the k-th NN."""
+def fit_knn(features, k: int = 5, bins=None) -> KNNStats:
+    """Bank of pooled per-slice vectors [m, d] (healthy train slices), L2-normalised, searched for the k-th NN;
+    `bins` [m]: the slices' axial position bins, for position-conditional search (knn_score)."""
     bank = _normalise(features, "features").astype(np.float32)
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank size), got {k}")
-    return KNNStats(bank=bank, k=int(k))
+    bins = np.zeros(len(bank), np.int64) if bins is None else np.asarray(bins, dtype=np.int64)
+    if bins.shape != (len(bank),):
+        raise ValueError(f"bins must be [{len(bank)}], got {bins.shape}")
+    return KNNStats(bank=bank, k=int(k), bins=bins)
 
 
-def knn_score(features, stats: KNNStats, exclude_self: bool = False) -> np.ndarray:
+def knn_score(features, stats: KNNStats, exclude_self: bool = False, bins=None, window: int = 1) -> np.ndarray:
     """Euclidean distance of each L2-normalised vector [n, d] to its k-th nearest bank vector, [n].
 
     Exact search: chunked float32 matmul of cosine similarities finds the neighbour, and its distance is then
     recomputed in float64 (so the result does not carry float32 cancellation in 2 - 2 cos). exclude_self=True
     skips one nearest neighbour, for scoring the bank's own vectors (whose nearest is itself at distance 0).
+    bins [n] (the queries' axial position bins): only bank slices within `window` bins count, so that a slice
+    near the top of the brain is compared with healthy slices near the top (a query with fewer than k of them
+    falls back to the whole bank).
     """
     q = _normalise(features, "features")                                  # [n, d] float64
     m = stats.bank.shape[0]
     j = stats.k - 1 + int(exclude_self)                                   # 0-based neighbour rank
     if j >= m:
         raise ValueError(f"bank of {m} vectors has no neighbour of rank {j + 1}")
+    if bins is not None:
+        bins = np.asarray(bins, dtype=np.int64)
+        if bins.shape != (q.shape[0],):
+            raise ValueError(f"bins must be [{q.shape[0]}], got {bins.shape}")
     out = np.empty(q.shape[0])
     for sl in _chunks(q.shape[0], max(1, 2**24 // m)):                    # [c, m] float32 <= 64 MiB
         sims = q[sl].astype(np.float32) @ stats.bank.T                    # [c, m]
+        if bins is not None:
+            near = np.abs(bins[sl, None] - stats.bins[None, :]) <= window  # [c, m]
+            enough = near.sum(axis=1) > j
+            sims = np.where(near | ~enough[:, None], sims, -np.inf)
         idx = np.argpartition(-sims, j, axis=1)[:, j]                     # [c]
         out[sl] = np.linalg.norm(q[sl] - stats.bank[idx].astype(np.float64), axis=1)
     return out

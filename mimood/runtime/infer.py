@@ -9,6 +9,12 @@ so a folder of small scans wastes no padding, and memory holds only the scans wh
 (at most one batch's worth of scans plus the one being read). A scan's outputs are written as soon as its
 last slice is restored.
 
+Scan score: with an export that has OOD statistics (manifest.extra["ood"]), each batch's slices are also encoded
+by the engine and their MVTM features computed in onnxruntime from the export's feature graph
+(mimood.ood.runtime, the same on every backend); report.csv's scan_score is then the chosen OOD score, and
+map_score the anomaly-map score (`outputs`). provenance.json records each scan's OOD score against the healthy
+reference scans of the fit (z, percentile).
+
 Output files (`outputs`) and, per run or per part:
     report.csv / report.part<I>of<N>.csv         one row per scan, rewritten atomically after each scan
     provenance.json / provenance.part<I>of<N>.json   arguments, versions, export identity, backend, times,
@@ -36,6 +42,8 @@ from mimood.data.discover import Case, discover
 from mimood.data.preprocess import Slices, preprocess
 from mimood.errors import InputError
 from mimood.export.manifest import current_versions
+from mimood.ood.runtime import OODRuntime
+from mimood.ood.scan import SliceParts
 from mimood.runtime.batching import Batch, Packer, infer_slices, run_batch
 from mimood.runtime.bundle import BACKENDS, PRECISIONS, Bundle
 from mimood.runtime.outputs import (Row, geometry_summary, output_paths, read_report, write_json, write_report,
@@ -109,6 +117,7 @@ class _Scan:
     maps: np.ndarray                 # [S, H, W], filled as batches return
     left: int                        # slices not restored yet
     seconds: float                   # time spent on this scan so far
+    ood: list = field(default_factory=list)   # (slice indices [n], SliceParts) per batch, with OOD statistics
 
 
 def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, backend: str = "auto",
@@ -150,6 +159,10 @@ def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, bac
     engine = load_engine(bundle, backend, precision)
     cfg = bundle.restore_config()
     say(f"backend: {engine.detail} ({engine.reason})")
+    ood_info = bundle.manifest.extra.get("ood")
+    ood = OODRuntime.open(bundle.folder, ood_info) if ood_info else None
+    if ood is None:
+        say("the export has no OOD statistics: the scan score is the anomaly-map score")
     prov = {"argv": sys.argv, "input": str(input), "out": str(out), "export": str(bundle.folder),
             "backend": backend, "precision": precision, "part": [I, N], "resume": resume, "seed": seed,
             "modality": data_cfg.modality, "backend_used": engine.detail, "backend_reason": engine.reason,
@@ -183,19 +196,37 @@ def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, bac
         t0 = time.perf_counter()
         try:
             paths = output_paths(out, s.case.name, s.case.image)
-            score, ml = write_scan(paths, s.case.name, s.slices, s.maps, threshold)
+            map_score, ml = write_scan(paths, s.case.name, s.slices, s.maps, threshold)
+            ood_report = None
+            if ood is not None:
+                order = np.argsort(np.concatenate([i for i, _ in s.ood]), kind="stable")
+                parts = SliceParts.cat([p for _, p in s.ood])
+                parts = SliceParts({n: v[order] for n, v in parts.token.items()}, parts.pooled[order],
+                                   parts.fg[order])
+                ood_report = ood.score(parts)
         except (InputError, OSError) as e:
             return fail(k, s.case, e, s.seconds + time.perf_counter() - t0)
         seconds = s.seconds + time.perf_counter() - t0
-        rows[k] = Row(str(s.case.image), "ok", "", round(score, 6), None if ml is None else round(ml, 6),
-                      len(s.slices.index), round(seconds, 3), engine.detail)
+        score, name = (map_score, "map") if ood_report is None else (ood_report["value"], f"ood.{ood.score_name}")
+        rows[k] = Row(str(s.case.image), "ok", "", round(score, 6), name, round(map_score, 6),
+                      None if ml is None else round(ml, 6), len(s.slices.index), round(seconds, 3), engine.detail)
         scans_info[str(s.case.image)] = geometry_summary(s.slices)
+        if ood_report is not None:
+            scans_info[str(s.case.image)]["ood"] = ood_report
         save_report()
         scan_bar.update()
 
     def run(batch: Batch):
         t0 = time.perf_counter()
         maps = run_batch(engine, batch, cfg, seed)                           # [rows, H, W]
+        if ood is not None:                                                  # OOD parts of the filled rows
+            n = len(batch.rows)
+            tokens = engine.get(engine.encode(engine.put(batch.images[:, None])))[:n]   # [n, N] int32
+            parts = ood.parts(tokens, batch.images[:n])
+            for k in {k for k, _ in batch.rows}:
+                rows_k = np.array([j for j, (kk, _) in enumerate(batch.rows) if kk == k])
+                pending[k].ood.append((np.array([batch.rows[j][1] for j in rows_k]), SliceParts(
+                    {name: v[rows_k] for name, v in parts.token.items()}, parts.pooled[rows_k], parts.fg[rows_k])))
         share = (time.perf_counter() - t0) / len(batch.rows)
         for (k, i), m in zip(batch.rows, maps):
             pending[k].maps[i] = m

@@ -6,9 +6,11 @@ renamed when complete, so a killed run leaves no half-written file):
     <name>_mask.nii.gz   uint8 mask: map > the manifest's calibrated threshold (not written without one)
     <name>.png           the most anomalous axial slices: input in grey, map as a heat overlay, mask contour
 
-Scan score (until issue #7 supplies an OOD scan score via `manifest.scan_score`): the mean of the top 1% of
-anomaly-map values inside the brain, over the processed slices at 1 mm (slice space, so scans of any voxel
-size are scored on the same grid).
+report.csv's scan score: the export's OOD score (`manifest.scan_score`, e.g. "vim": MVTM-feature scores fitted on
+healthy scans, mimood.ood.runtime) when it has one; else the anomaly-map score. The anomaly-map score is always
+its own column `map_score`: the mean of the top 1% of anomaly-map values inside the brain, over the processed
+slices at 1 mm (slice space, so scans of any voxel size are scored on the same grid). `score_name` says which
+score `scan_score` is: "ood.<name>" or "map".
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ class Row:
     file: str                      # the input file
     status: str                    # "ok" or "failed"
     error: str = ""                # one line when failed
-    scan_score: float | None = None
+    scan_score: float | None = None     # the OOD score when the export has one, else = map_score
+    score_name: str = ""                # "ood.<name>" or "map"
+    map_score: float | None = None      # top-1% mean of the anomaly map inside the brain
     anomalous_ml: float | None = None   # mask voxels x voxel volume (empty without a threshold)
     slices: int = 0                # slices restored
     seconds: float = 0.0           # preprocessing + this scan's share of the batches + writing
@@ -57,7 +61,7 @@ def output_paths(out: Path, name: str, image: Path) -> dict[str, Path]:
 
 def write_scan(paths: dict[str, Path], name: str, slices: Slices, maps: np.ndarray,
                threshold: float | None) -> tuple[float, float | None]:
-    """Write a scan's map, mask (when `threshold` is set) and overlay; returns (scan score, anomalous ml)."""
+    """Write a scan's map, mask (when `threshold` is set) and overlay; returns (map score, anomalous ml)."""
     score = scan_score(maps, slices.brain)
     vol = to_volume(maps, slices.geometry)                                  # float32 on the input grid
     data = np.asarray(vol.dataobj, dtype=np.float32)                        # [X, Y, Z]
@@ -91,7 +95,7 @@ def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, thres
         ax.set_title(f"slice {slices.index[i]}", fontsize=9)
         ax.axis("off")
     mask_note = "" if threshold is not None else " (no calibrated threshold: no mask)"
-    fig.suptitle(f"{name}: scan score {score:.4f}{mask_note}", fontsize=10)
+    fig.suptitle(f"{name}: map score {score:.4f}{mask_note}", fontsize=10)
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
@@ -121,10 +125,13 @@ def read_report(path: Path) -> list[Row]:
         return []
     if not records or set(records[0]) != set(COLUMNS):
         return []
+    def num(v: str) -> float | None:
+        return float(v) if v else None
+
     try:
-        return [Row(d["file"], d["status"], d["error"], *(float(d[k]) if d[k] else None
-                                                           for k in ("scan_score", "anomalous_ml")),
-                    int(d["slices"] or 0), float(d["seconds"] or 0), d["backend"]) for d in records]
+        return [Row(d["file"], d["status"], d["error"], num(d["scan_score"]), d["score_name"], num(d["map_score"]),
+                    num(d["anomalous_ml"]), int(d["slices"] or 0), float(d["seconds"] or 0), d["backend"])
+                for d in records]
     except (TypeError, ValueError):                 # a hand-edited or foreign file: start afresh
         return []
 

@@ -1,10 +1,12 @@
-"""What `mimood-train` runs: build the slice cache, train the VQ-VAE, tokenise once, train MVTM / ATD / AR.
+"""What `mimood-train` runs: build the slice cache, train the VQ-VAE, tokenise once, train MVTM / ATD / AR, and
+fit the scan-level OOD statistics on the MVTM's features (mimood.ood.fit; the last stage of `all`).
 
 Run folder layout (self-describing; `--resume` continues a killed run):
     run/config.json                    resolved RunConfig
     run/data/{train,val}_slices.npz    preprocessed slices (held-out volumes for validation)
     run/data/tokens.npz                cached tokens: augmented train variants + val
     run/<model>/{last,best}.safetensors, state.pt, log.jsonl
+    run/ood.safetensors                OOD statistics of the best MVTM (ViM, Mahalanobis, KNN, atlas)
     run/summary.json                   validation metrics and wall time per model
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mimood.train import objectives
 from mimood.train.trainer import Trainer, TrainResult, world
 
 MODELS = ("vqvae", "mvtm", "atd", "ar")
+STAGES = MODELS + ("ood",)  # what `mimood-train` can run; "all" runs them in this order
 TOKEN_VARIANTS = 4          # identity, flip, and two random flip/rotations per training slice
 
 
@@ -146,7 +149,7 @@ def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np
 
 def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path] = (), resume: bool = False,
           progress: bool = True) -> dict:
-    """Train `what` in {vqvae, mvtm, atd, ar, all} into `run`; returns the summary dict."""
+    """Train `what` in {vqvae, mvtm, atd, ar, ood, all} into `run`; returns the summary dict."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     cfg_path = run / "config.json"
@@ -159,8 +162,11 @@ def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path]
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     t_all = time.time()
     train_set, val_set = prepare_slices(run, cfg, data, progress=progress)
-    todo = MODELS if what == "all" else (what,)
+    todo = STAGES if what == "all" else (what,)
     for name in todo:
+        if name == "ood":
+            summary["ood"] = fit_ood_stage(run, resume, summary.get("ood", {}), progress)
+            continue
         if name == "vqvae":
             result = train_vqvae(run, cfg, train_set, val_set, resume, progress)
         else:
@@ -176,6 +182,32 @@ def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path]
         with atomic_write(summary_path) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def fit_ood_stage(run: Path, resume: bool, previous: dict, progress: bool = True) -> dict:
+    """Fit the OOD statistics of the run's best MVTM into run/ood.safetensors (rank 0 only); the summary entry.
+    With `resume`, statistics already fitted on this very MVTM are kept."""
+    from mimood.export.manifest import file_sha256
+    from mimood.ood.fit import fit_ood
+    from mimood.ood.scan import OOD_FILE, OODScorer
+
+    mvtm = run / "mvtm" / "best.safetensors"
+    if not mvtm.exists():
+        raise ValueError(f"{run}: train the MVTM first (mimood-train mvtm)")
+    fitted = resume and previous and (run / OOD_FILE).exists()
+    if fitted and OODScorer.load(run / OOD_FILE).meta["mvtm_sha256"] == file_sha256(mvtm):
+        log("ood: statistics of this MVTM already fitted")
+        return previous
+    entry = {}
+    if world()[0] == 0:
+        meta = fit_ood(run, progress=progress)
+        entry = {"seconds": meta["fit"]["seconds"], "scan_score": meta["scan_score"],
+                 "pass_type": meta["pass_type"], "tokens": meta["fit"]["tokens"], "D": meta["fit"]["D"]}
+        log(f"ood: {entry['tokens']} healthy brain tokens, scan score {entry['scan_score']} "
+            f"({entry['pass_type']} pass), {entry['seconds']:.0f} s")
+    if world()[1] > 1:
+        torch.distributed.barrier()
+    return entry
 
 
 def _fmt(metrics: dict[str, float]) -> str:
