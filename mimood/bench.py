@@ -347,7 +347,7 @@ def make_engine(bundle, backend: str, precision: str, device: str):
 
 
 def _infer_can_run(backend: str, precision: str) -> bool:
-    """Whether `mimood-infer` offers this path (the runtime's torch backend has fp32 and fp16, not bf16)."""
+    """Whether `mimood-infer` offers this path (every precision the runtime knows: fp32, fp16, torch bf16)."""
     from mimood.runtime.bundle import PRECISIONS
     return precision in PRECISIONS
 

@@ -127,6 +127,18 @@ def test_ort_engine_matches_the_torch_reference(tiny_export, tmp_path, fused):
     assert not np.allclose(infer_slices(ort, x, cfg, seed=2), got, atol=1e-3)   # the seed matters
 
 
+def test_torch_bf16_autocast_runs_the_loop_and_has_no_graphs(tiny_export):
+    bf16, ref = load_engine(tiny_export, "auto", "bf16"), load_engine(tiny_export, "torch")
+    assert bf16.detail == "torch bf16 cpu eager" and bf16.reason == "bf16 is the torch backend's autocast"
+    x = slices(4)
+    tokens = bf16.get(bf16.encode(bf16.put(x[:, None])))
+    assert (tokens == ref.get(ref.encode(ref.put(x[:, None])))).mean() > 0.9     # bf16 moves few tokens
+    maps = infer_slices(bf16, x, bf16.bundle.restore_config(), seed=1)
+    assert maps.shape == x.shape and np.isfinite(maps).all() and (maps[x == 0] == 0).all()
+    with pytest.raises(ValueError, match="torch backend only"):
+        load_engine(tiny_export, "ort", "bf16")
+
+
 def test_maps_do_not_depend_on_what_a_scan_is_packed_with(tiny_export):
     engine = load_engine(tiny_export, "ort")
     cfg = engine.bundle.restore_config()

@@ -25,12 +25,3 @@ def friendly_errors(fn):
 
     return wrapper
 
-
-def not_implemented(name: str):
-    @click.command(name=name, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def cmd(args):
-        click.echo(f"{name}: not implemented yet", err=True)
-        sys.exit(3)
-
-    return cmd

@@ -19,7 +19,7 @@ from mimood.export.manifest import MANIFEST_NAME, Manifest, file_sha256
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "trt", "ort", "torch")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")      # bf16: the torch backend's autocast only (no bf16 graphs)
 # The loop steps in loop order, as `mimood.export.graphs.GRAPHS` names them (not imported from there: that
 # module loads torch and MONAI for the exporter; tests/test_runtime.py checks the two agree).
 GRAPHS = ("encode", "atd", "mvtm_step", "decode_score")
@@ -78,6 +78,8 @@ class Bundle:
         manifest says which); that step then runs in fp32, logged once."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        if precision == "bf16":
+            raise ValueError("bf16 runs on the torch backend only (autocast); the export has no bf16 graphs")
         found = {g["precision"]: g["file"] for key, g in self.manifest.graphs.items() if _base(key) == name}
         if precision not in found:
             if precision == "fp16" and not any(p == "fp16" for p in self.precisions()):

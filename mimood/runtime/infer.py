@@ -81,7 +81,9 @@ def load_engine(export_dir: str | Path | Bundle, backend: str = "auto", precisio
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     bundle = export_dir if isinstance(export_dir, Bundle) else Bundle.open(export_dir)
     reason = "asked for"
-    if backend == "auto":
+    if backend == "auto" and precision == "bf16":
+        backend, reason = "torch", "bf16 is the torch backend's autocast"
+    elif backend == "auto":
         backend, reason = pick_backend(device)
     if backend == "trt":
         from mimood.runtime.trt_backend import TrtEngine
