@@ -15,7 +15,7 @@ from mimood.config import preset
 from mimood.data.discover import discover
 from mimood.data.preprocess import Slices, normalise
 from mimood.data.slices import build_slice_set, save_slice_set
-from mimood.eval.calibrate import calibrate, load_calibration
+from mimood.eval.calibrate import calibrate, load_calibration, synthetic_corruption_check
 from mimood.eval.evaluate import CaseResult, EvalResult, evaluate
 from mimood.eval.methods import available_methods
 from mimood.eval.metrics import pixel_metrics, token_metrics
@@ -24,6 +24,8 @@ from mimood.eval.token_critic import critic_objective, train_token_critic
 from mimood.models.checkpoint import load_model, read_info, save_model
 from mimood.models.transformer import TokenTransformer
 from mimood.models.vqvae import VQVAE
+from mimood.ood.fit import OODFitConfig, fit_ood
+from mimood.ood.scan import brain_share
 from mimood.restore import TorchEngine, restore
 
 CFG = preset("tiny")
@@ -69,7 +71,9 @@ def tiny(tmp_path_factory):
     with torch.no_grad():                                   # the token cache the Token Critic trains on
         tokens = load_model(run / "vqvae" / "best.safetensors")[0].encode(
             torch.from_numpy(val.images.astype(np.float32))[:, None]).flatten(1).to(torch.int16).numpy()
-    np.savez(run / "data" / "tokens.npz", train=tokens[None], val=tokens)
+    fg = brain_share(val.images > 0)                           # the brain share per token, as training caches it
+    np.savez(run / "data" / "tokens.npz", train=tokens[None], val=tokens, fg_train=fg, fg_val=fg)
+    save_slice_set(val, run / "data" / "train_slices.npz")    # the OOD fit reads the slice positions
     return run, test
 
 
@@ -101,7 +105,9 @@ def test_calibration_writes_thresholds_that_flag_the_requested_share(tiny):
 
 def test_pixel_metrics_on_the_input_grid_match_a_direct_computation(tiny):
     run, test = tiny
-    calibrate(run, methods=("mimood",), progress=False)
+    cal = calibrate(run, methods=("mimood",), lam_percentile=None, slice_stride=2, progress=False)
+    assert cal["lam"] == CFG.restore.lam and cal["methods"]["mimood"]["lam_rule"].startswith("configured")
+    assert cal["data"]["restored_slices"] == (cal["data"]["slices"] + 1) // 2
     for stride in (1, 3):
         res = evaluate(run, test, methods=("intensity",), slice_stride=stride, progress=False)
         # intensity baseline = the normalised input: metrics straight from the NIfTI files, no slices involved
@@ -181,6 +187,11 @@ def test_cli_prints_both_tables_and_writes_the_json_contract(tiny, tmp_path):
     assert "calibrating" in r.output                               # no calibration.json: calibrated first
     cal = load_calibration(run)
     assert set(cal["methods"]) == set(METHODS)
+    # the default lambda rule: P99 of the healthy hold-out's ATD token scores (not the configured 0.005)
+    scores, brain = _healthy_token_scores(run, "atd")
+    assert cal["lam"] == pytest.approx(np.percentile(scores[brain], 99), rel=1e-6)
+    assert cal["methods"]["mimood"]["lam_rule"] == "P99 of ATD scores of healthy brain tokens"
+    assert cal["data"]["slice_stride"] == 2                        # --slice-stride thins the hold-out too
     j = json.loads(out.read_text())
     for m in METHODS:
         assert set(j["pixel"][m]) >= {"dice", "ap", "auroc"} and set(j["token"][m]) >= {"ap", "auroc"}
@@ -192,6 +203,27 @@ def test_cli_prints_both_tables_and_writes_the_json_contract(tiny, tmp_path):
     assert s["lams"]["mimood"] == cal["lam"]
     assert s["lams"]["mvtm_likelihood"] == cal["methods"]["mvtm_likelihood"]["lam"]
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["a_lesion.png", "b_lesion.png"]
+
+
+def test_cli_adds_the_scan_level_ood_table_when_the_run_has_ood_statistics(tiny, tmp_path):
+    run, test = tiny
+    fit_ood(run, OODFitConfig(), out=tmp_path / "ood.safetensors", progress=False)
+    (run / "ood.safetensors").symlink_to(tmp_path / "ood.safetensors")   # this test's run only: removed below
+    try:
+        out = tmp_path / "eval.json"
+        r = CliRunner().invoke(main, ["--run", str(run), "--data", str(test), "--json", str(out), "--methods",
+                                      "intensity", "--slice-stride", "2", "--quiet"])
+    finally:
+        (run / "ood.safetensors").unlink()
+    assert r.exit_code == 0, r.output
+    j = json.loads(out.read_text())
+    scores = {"vim", "residual", "mahalanobis", "knn", "energy", "max_logit", "nll", "atd", "map"}
+    assert set(j["scan"]) >= scores and set(j["slice"]) >= scores
+    for level in ("scan", "slice"):
+        for v in j[level].values():                               # 2 lesion scans and 1 healthy: all defined
+            assert set(v) == {"auroc", "aupr", "fpr95"} and all(0.0 <= x <= 1.0 for x in v.values())
+    assert set(j["token"]) >= {"intensity", "vim", "residual"} and j["ood"]["scan_score"] in scores
+    assert "OOD scores" in r.output
 
 
 def test_cli_reports_bad_input_in_one_line(tiny, tmp_path):
@@ -221,13 +253,27 @@ def test_token_critic_learns_which_tokens_the_mvtm_sampled_and_joins_the_methods
     train_token_critic(run, steps=2, progress=False)
     assert read_info(run / "critic" / "best.safetensors")["kind"] == "atd"
     assert "token_critic" in available_methods(run)
-    cal = calibrate(run, methods=("token_critic",), progress=False)
+    cal = calibrate(run, methods=("token_critic",), slice_stride=4, progress=False)
     entry = cal["methods"]["token_critic"]
     assert set(cal["methods"]) == {"mimood", "token_critic"}
     assert entry["lam_rule"].startswith("P99 of critic scores")
     scores, brain = _healthy_token_scores(run, "critic")
     assert entry["lam"] == pytest.approx(np.percentile(scores[brain], 99), rel=1e-6)
     assert entry["healthy_token_share_above_lam"] <= 0.01
+
+
+def test_synthetic_corruption_check_counts_brain_tokens_above_lambda(tiny):
+    run, _ = tiny
+    atd = load_model(run / "atd" / "best.safetensors")[0]
+    with np.load(run / "data" / "tokens.npz") as z:
+        tokens = z["val"].astype(np.int64)                                     # [M, N]
+    brain = np.zeros(tokens.shape, bool)
+    brain[:, :200] = True                                                      # corruptions only here
+    low, high = (synthetic_corruption_check(atd, tokens, brain, CFG.masks, lam, seed=3) for lam in (-1.0, 1.0))
+    assert low["corrupted_share_above_lam"] == 1.0 and low["clean_share_above_lam"] == 1.0   # sigmoid > -1
+    assert high["corrupted_share_above_lam"] == 0.0 and high["clean_share_above_lam"] == 0.0  # sigmoid <= 1
+    assert 0 < low["corrupted_tokens"] == high["corrupted_tokens"] < brain.sum()           # same seed, same draws
+    assert 0.0 <= low["auroc"] <= 1.0 and low["auroc"] == high["auroc"]
 
 
 def _healthy_token_scores(run, model):

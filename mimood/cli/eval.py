@@ -3,7 +3,8 @@
     mimood-eval --run DIR --data DIR [--modality t2] [--json FILE] [--png DIR] [-R 4] [-T 8] [--lam 0.005]
                 [--methods mimood,ar,mvtm_likelihood,token_critic,intensity] [--max-cases N] [--slice-stride K]
                 [--seed 0]
-    mimood-eval --run DIR --calibrate [--lam-percentile 99]     (re)write DIR/calibration.json only
+    mimood-eval --run DIR --calibrate [--lam-percentile 99 | --paper-lam] [--slice-stride K]
+                                                                 (re)write DIR/calibration.json only
     mimood-eval --run DIR --train-critic                         train the Token Critic baseline (then calibrate)
 """
 from __future__ import annotations
@@ -47,21 +48,25 @@ def _methods(value: str | None) -> tuple[str, ...] | None:
                    "run has; token_critic needs --train-critic once).")
 @click.option("--max-cases", type=click.IntRange(min=1), help="Evaluate only the first N cases.")
 @click.option("--slice-stride", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Evaluate every K-th slice (the same slices for every method; stated in the output).")
+              help="Evaluate (and, when calibrating, restore the hold-out at) every K-th slice; stated in the output.")
 @click.option("--calibrate", "recalibrate", is_flag=True,
               help="(Re)calibrate on the run's healthy hold-out first; alone (no --data) it only calibrates.")
-@click.option("--lam-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True),
-              help="Calibration: lambda = this percentile of healthy ATD token scores (default: keep the "
-                   "configured lambda).")
+@click.option("--lam-percentile", default=99.0, show_default=True,
+              type=click.FloatRange(0, 100, min_open=True, max_open=True),
+              help="Calibration: lambda = this percentile of the ATD scores of healthy hold-out brain tokens.")
+@click.option("--paper-lam", is_flag=True,
+              help="Calibration: keep the configured lambda (the paper's 0.005) instead of the percentile rule.")
 @click.option("--voxel-percentile", default=99.0, show_default=True,
               type=click.FloatRange(0, 100, min_open=True, max_open=True),
               help="Calibration: binary threshold = this percentile of healthy brain-voxel anomaly scores.")
 @click.option("--train-critic", is_flag=True,
               help="Train the MVTM + Token Critic baseline's critic into RUN/critic first (an ATD-sized training).")
+@click.option("--no-ood", is_flag=True,
+              help="Skip the scan/slice-level OOD table (made when RUN/ood.safetensors exists: mimood-train ood).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def main(run, data, modality, json_path, png_dir, R, T, lam, seed, methods, max_cases, slice_stride, recalibrate,
-         lam_percentile, voxel_percentile, train_critic, quiet):
+         lam_percentile, paper_lam, voxel_percentile, train_critic, no_ood, quiet):
     """Evaluate MIM-OOD and its baselines (AR restoration, MVTM likelihood, MVTM + Token Critic, intensity) on
     labelled scans: token- and pixel-level tables as in the paper, per-case Dice, inference time. Pixel metrics are
     inside the brain. The thresholds come from RUN/calibration.json (made first if missing)."""
@@ -81,9 +86,10 @@ def main(run, data, modality, json_path, png_dir, R, T, lam, seed, methods, max_
     if recalibrate or load_calibration(run) is None:
         if not recalibrate:
             click.echo(f"{run} has no {CALIBRATION}: calibrating on its healthy hold-out first", err=True)
-        # every method the run has, with the run's own loop settings (-R/-T/--lam/--seed are evaluation options)
-        cal = calibrate(run, run_cfg, None, lam_percentile=lam_percentile, voxel_percentile=voxel_percentile,
-                        progress=not quiet)
+        # every method the run has, with the run's own loop settings (-R/-T/--lam/--seed are evaluation options);
+        # --slice-stride also thins the hold-out slices restored for the voxel thresholds
+        cal = calibrate(run, run_cfg, None, lam_percentile=None if paper_lam else lam_percentile,
+                        voxel_percentile=voxel_percentile, slice_stride=slice_stride, progress=not quiet)
         click.echo(f"wrote {run / CALIBRATION}: " + ", ".join(
             f"{m} lam={v['lam']:.4g} thr={v['threshold']:.4g}" if "lam" in v else f"{m} thr={v['threshold']:.4g}"
             for m, v in cal["methods"].items()))
@@ -104,9 +110,20 @@ def main(run, data, modality, json_path, png_dir, R, T, lam, seed, methods, max_
     tables = [fn(res) for fn in TABLES]
     for t in tables:
         click.echo("\n" + format_table(t))
+    result = to_json(res, tables)
+    if not no_ood and (run / "ood.safetensors").exists():
+        # MOODv2 scores on MVTM features: scan.<score>, slice.<score> and token.<score> beside the methods' rows
+        from mimood.ood.evaluate import eval_tables
+        ood, text = eval_tables(run, data, modality, max_cases, slice_stride, progress=not quiet)
+        click.echo("\n" + text)
+        result["scan"], result["slice"] = ood["scan"], ood["slice"]
+        result.setdefault("token", {}).update(ood["token"])
+        result["ood"] = {k: ood[k] for k in ("counts", "aggregation", "scan_score")}
+    elif not no_ood:
+        click.echo(f"\n(no scan-level OOD table: {run} has no ood.safetensors; run `mimood-train ood --run {run}`)")
     if json_path is not None:
         with atomic_write(json_path) as tmp:
-            tmp.write_text(json.dumps(to_json(res, tables), indent=2) + "\n")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
         click.echo(f"\nwrote {json_path}")
     if png_dir is not None:
         from mimood.eval.pictures import save_overlays
