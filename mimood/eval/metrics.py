@@ -205,3 +205,17 @@ def topk_mean(values, k: int | float) -> float:
     else:
         raise ValueError(f"k must be int or float, got {type(k).__name__}")
     return float(np.partition(values, n - count)[n - count:].mean())
+
+
+def json_ready(obj):
+    """Plain Python types for strict JSON: NaN (a metric with one class missing) as None, numpy scalars as
+    floats/ints, keys as strings."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from mimood.eval.evaluate import EvalResult
-from mimood.eval.metrics import dice, pixel_metrics, token_metrics
+from mimood.eval.metrics import dice, json_ready, pixel_metrics, token_metrics
 
 PAPER_NAMES = {"mimood": "MIM-OOD", "ar": "AR restoration", "mvtm_likelihood": "MVTM likelihood",
                "token_critic": "MVTM + Token Critic", "intensity": "Intensity"}
@@ -168,18 +168,6 @@ def to_json(res: EvalResult, tables: list[Table]) -> dict:
     """{"settings": ..., <table key>: {row: {column: value}}, "notes": {<table key>: [...]}}; NaN -> null."""
     out = {"settings": res.settings}
     for t in tables:
-        out[t.key] = _clean(t.rows)
+        out[t.key] = json_ready(t.rows)
     out["notes"] = {t.key: t.notes for t in tables}
     return out
-
-
-def _clean(v):
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, (float, np.floating)):
-        return None if math.isnan(v) else float(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimood.eval.metrics import detection_metrics, token_labels, token_metrics, topk_mean
+from mimood.eval.metrics import detection_metrics, json_ready, token_labels, token_metrics, topk_mean
 from mimood.ood.scan import Aggregation, OODScorer, SliceParts, brain_share, scan_aggregate, slice_aggregate
 
 
@@ -192,17 +192,4 @@ def eval_tables(run: str | Path, data: str | Path, modality: str = "t2", max_cas
     table["scan_score"] = scorer.scan_score_name
     title = (f"OOD scores of {run} on {data} (chosen scan score: {scorer.scan_score_name}); "
              + ", ".join(f"{k} {v}" for k, v in table["counts"].items()))
-    return _json_ready(table), format_table(table, title)
-
-
-def _json_ready(obj):
-    """Plain Python types, NaN (a metric with one class missing) as None, so strict JSON can hold it."""
-    if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+    return json_ready(table), format_table(table, title)
