@@ -79,6 +79,8 @@ class MaskConfig:
     max_width: int = 4
     brush_share: float = 0.5          # MVTM: share of samples masked with brush strokes, rest cosine random
     clean_share: float = 0.1          # ATD: share of samples left uncorrupted
+    corruption: str = "uniform"       # ATD replacement codes: "uniform" (the paper) or "prior" (drawn from the
+                                      # healthy brain tokens' code frequencies: plausible codes out of context)
 
 
 @dataclass
@@ -113,6 +115,8 @@ class RunConfig:
         if self.transformer.vocab_size != self.vqvae.num_embeddings:
             raise ValueError(f"transformer.vocab_size ({self.transformer.vocab_size}) must equal "
                              f"vqvae.num_embeddings ({self.vqvae.num_embeddings})")
+        if self.masks.corruption not in ("uniform", "prior"):
+            raise ValueError(f"masks.corruption must be 'uniform' or 'prior', got {self.masks.corruption!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -88,6 +88,20 @@ def test_corruption_target_is_changed_codes_only():
     assert 0.15 < unchanged_in_mask < 0.35                       # about 1/4 of draws hit the original code
 
 
+def test_prior_corruption_draws_codes_by_their_healthy_frequency():
+    from mimood.train.objectives import code_prior
+    tokens = np.array([[3, 3, 3, 1, 0, 0]])
+    fg = np.array([[1.0, 1.0, 0.6, 0.9, 0.0, 0.4]])                          # the 0 codes lie outside the brain
+    prior = code_prior(tokens, fg, 5)
+    assert prior.tolist() == [0.0, 0.25, 0.0, 0.75, 0.0]
+    tok = torch.full((64, 50), 3)
+    mask = torch.rand(64, 50, generator=torch.Generator().manual_seed(0)) < 0.5
+    corrupted, target = corrupt(tok, mask, 5, torch.Generator().manual_seed(1), prior)
+    assert set(corrupted[mask].unique().tolist()) == {1, 3} and not target[~mask].any()
+    assert torch.equal(target, corrupted == 1)                               # drawing 3 again is no corruption
+    assert abs(target[mask].float().mean().item() - 0.25) < 0.05
+
+
 def test_vqvae_tokens_and_codebook_stats():
     torch.manual_seed(0)
     vq = VQVAE(CFG.vqvae).eval()

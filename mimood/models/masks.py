@@ -104,9 +104,15 @@ def atd_masks(rng: np.random.Generator, batch: int, grid: int, cfg: MaskConfig,
 
 
 def corrupt(tokens: torch.Tensor, mask: torch.Tensor, num_codes: int,
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ATD input and target: tokens [B, N] with the masked ones replaced by uniformly random codes; the
-    target is 1 only where the code actually changed (a random draw can hit the original code)."""
-    random_codes = torch.randint(0, num_codes, tokens.shape, generator=generator, device=tokens.device)
+            generator: torch.Generator | None = None, code_probs: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATD input and target: tokens [B, N] with the masked ones replaced by random codes, uniform over the
+    codebook or drawn from code_probs [K]; the target is 1 only where the code actually changed (a random draw
+    can hit the original code)."""
+    if code_probs is None:
+        random_codes = torch.randint(0, num_codes, tokens.shape, generator=generator, device=tokens.device)
+    else:
+        random_codes = torch.multinomial(code_probs, tokens.numel(), replacement=True,
+                                         generator=generator).view(tokens.shape).to(tokens.device)
     corrupted = torch.where(mask, random_codes.to(tokens.dtype), tokens)
     return corrupted, (corrupted != tokens)

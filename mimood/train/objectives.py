@@ -97,11 +97,18 @@ def mvtm_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_b
     return loss_fn, val_fn
 
 
+def code_prior(tokens: np.ndarray, fg: np.ndarray, num_codes: int) -> torch.Tensor:
+    """[K] float64 frequencies of the codes of brain tokens (fg >= 0.5): the "prior" ATD corruption draws from it."""
+    counts = np.bincount(tokens[np.asarray(fg, np.float32) >= 0.5].astype(np.int64), minlength=num_codes)
+    return torch.from_numpy(counts / max(counts.sum(), 1))
+
+
 def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int,
-                  masks: MaskConfig, num_codes: int, val_seed: int = 1234):
+                  masks: MaskConfig, num_codes: int, val_seed: int = 1234, code_probs: torch.Tensor | None = None):
+    """BCE of the per-token detector on brush-stroke corruptions; code_probs: see `mimood.models.masks.corrupt`."""
 
     def step(model, tok, mask, gen):
-        corrupted, target = corrupt(tok, mask, num_codes, gen)
+        corrupted, target = corrupt(tok, mask, num_codes, gen, code_probs)
         logits = model(corrupted)                                          # [B, N]
         return F.binary_cross_entropy_with_logits(logits.float(), target.float()), logits, target
 

@@ -140,8 +140,11 @@ def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np
     if task == "mvtm":
         fns = objectives.mvtm_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks)
     elif task == "atd":
-        fns = objectives.atd_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks,
-                                       cfg.vqvae.num_embeddings)
+        K = cfg.vqvae.num_embeddings
+        prior = None if cfg.masks.corruption == "uniform" else objectives.code_prior(
+            tokens["train"], np.broadcast_to(tokens["fg_train"], tokens["train"].shape), K)
+        fns = objectives.atd_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks, K,
+                                       code_probs=prior)
     else:
         fns = objectives.ar_objective(train_tok, val_tok, o.batch_size, o.val_batches)
     return trainer.fit(*fns, progress=progress)
