@@ -185,7 +185,8 @@ def markdown() -> None:
              "(input > 0) on the input grid; [DICE] = best Dice over thresholds; Dice@cal = mean per-case Dice at "
              "the label-free calibrated threshold (P99 of healthy hold-out scores). IT = wall seconds per 32 slices.",
              ""]
-    for key, title in (("eval_demo.json", "(a) demo test set"), ("eval_brats.json", "(b) BraTS 2018 T2, 6 cases")):
+    for key, title in (("eval_demo.json", "(a) demo test set"), ("eval_brats.json", "(b) BraTS 2018 T2, 6 cases"),
+                       ("eval_brats_cpu1.json", "(b') BraTS 2018 T2, 6 cases, with the run trained on demo data only")):
         if not (RESULTS / key).exists():
             continue
         d = json.loads((RESULTS / key).read_text())

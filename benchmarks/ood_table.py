@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from mimood.eval.metrics import detection_metrics
-from mimood.ood.evaluate import EvalCase, _json_ready, evaluate_ood, format_table, load_cases
+from mimood.eval.metrics import json_ready
+from mimood.ood.evaluate import EvalCase, evaluate_ood, format_table, load_cases
 from mimood.ood.features import PASSES
 from mimood.ood.fit import OODFitConfig, fit_ood
 from mimood.ood.scan import Aggregation, OODScorer
@@ -123,7 +124,7 @@ def main() -> None:
     for name, res in results.items():
         out = Path(args.out.format(name=name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_json_ready(res), indent=1) + "\n")
+        out.write_text(json.dumps(json_ready(res), indent=1) + "\n")
         print(f"wrote {out}")
 
 
