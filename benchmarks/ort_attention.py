@@ -47,6 +47,7 @@ from mimood.export.manifest import Manifest
 from mimood.models.checkpoint import build_model, load_model
 from mimood.models.graphs import ATDGraph, MVTMStep
 from mimood.restore import TorchEngine, restore
+from mimood.runtime.ort import OrtEngine
 
 L = ort.GraphOptimizationLevel
 SESSIONS = {  # name -> (intra-op threads for `wall` (0 = onnxruntime's default), config entries, level)
@@ -135,33 +136,13 @@ def bench(name: str, module, folder: Path, reps: int, B: int, R: int) -> dict[st
     return out
 
 
-class OrtLoopEngine:
-    """`mimood.restore.Engine` over onnxruntime CPU sessions of an export folder's graph files."""
+class OrtLoopEngine(OrtEngine):
+    """The runtime's `OrtEngine` over sessions built with this benchmark's options (threads, config entries)
+    on an export folder's graph files."""
 
     def __init__(self, folder: Path, files: dict[str, str], threads: int, config: dict):
         self.name, self.R = "ort", Manifest.load(folder).R
-        self.s = {g: session(folder / f, threads, config, L.ORT_ENABLE_ALL) for g, f in files.items()}
-
-    def put(self, a):
-        return a
-
-    def get(self, a):
-        return a
-
-    def repeat(self, tokens):
-        return np.repeat(tokens, self.R, axis=0)
-
-    def encode(self, x):
-        return self.s["encode"].run(None, {"x": x})[0]
-
-    def detect(self, tokens):
-        return self.s["atd"].run(None, {"tokens": tokens})[0]
-
-    def mvtm_step(self, tokens, mask, noise):
-        return self.s["mvtm_step"].run(None, {"tokens": tokens, "mask": mask, "noise": noise})[0]
-
-    def decode_score(self, tokens, x):
-        return self.s["decode_score"].run(None, {"tokens": tokens, "x": x})[0]
+        self.sessions = {g: session(folder / f, threads, config, L.ORT_ENABLE_ALL) for g, f in files.items()}
 
 
 @torch.no_grad()
