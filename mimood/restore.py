@@ -45,6 +45,7 @@ class Restoration:
     token_scores: np.ndarray               # [B, N] detector scores of the input tokens (first iteration)
     masked: list[int] = field(default_factory=list)   # number of masked tokens at each iteration run
     tokens: np.ndarray | None = None       # [B*R, N] final tokens (when keep_tokens)
+    input_tokens: np.ndarray | None = None  # [B, N] int32 tokens of the input (the encoding the loop started from)
 
 
 def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Generator | None = None,
@@ -58,7 +59,8 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     lam = cfg.lam if lam is None else lam
     xd = engine.put(np.ascontiguousarray(x, dtype=np.float32))
-    tokens = engine.repeat(engine.encode(xd))                               # [B*R, N]
+    encoded = engine.encode(xd)                                              # [B, N]
+    tokens = engine.repeat(encoded)                                          # [B*R, N]
     masked: list[int] = []
     token_scores = None
     for _ in range(cfg.T):
@@ -76,7 +78,8 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
     maps = engine.get(engine.decode_score(tokens, xd))
     if token_scores is None:                                                 # T == 0
         token_scores = engine.get(engine.detect(tokens))[:: engine.R]
-    return Restoration(maps, token_scores, masked, engine.get(tokens) if keep_tokens else None)
+    return Restoration(maps, token_scores, masked, engine.get(tokens) if keep_tokens else None,
+                       engine.get(encoded))
 
 
 class TorchEngine:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mimood.config import RestoreConfig
-from mimood.restore import Engine, restore
+from mimood.restore import Engine, Restoration, restore
 
 
 class SliceNoise:
@@ -72,12 +72,15 @@ class Packer:
         return Batch(images, [(key, i) for key, i, _ in items])
 
 
+def restore_batch(engine: Engine, batch: Batch, cfg: RestoreConfig, seed: int) -> Restoration:
+    """Restore one full batch (padding rows included) with per-slice noise."""
+    keys = [i for _, i in batch.rows] + [None] * (len(batch.images) - len(batch.rows))
+    return restore(engine, batch.images[:, None], cfg, rng=SliceNoise(keys, engine.R, seed))
+
+
 def run_batch(engine: Engine, batch: Batch, cfg: RestoreConfig, seed: int) -> np.ndarray:
     """Restore one full batch; returns the maps of its filled rows [len(rows), H, W]."""
-    keys = [i for _, i in batch.rows] + [None] * (len(batch.images) - len(batch.rows))
-    noise = SliceNoise(keys, engine.R, seed)
-    out = restore(engine, batch.images[:, None], cfg, rng=noise)            # maps [B, H, W]
-    return out.maps[: len(batch.rows)]
+    return restore_batch(engine, batch, cfg, seed).maps[: len(batch.rows)]
 
 
 def infer_slices(engine: Engine, images: np.ndarray, cfg: RestoreConfig, seed: int = 0) -> np.ndarray:

@@ -44,7 +44,7 @@ from mimood.errors import InputError
 from mimood.export.manifest import current_versions
 from mimood.ood.runtime import OODRuntime
 from mimood.ood.scan import SliceParts
-from mimood.runtime.batching import Batch, Packer, infer_slices, run_batch
+from mimood.runtime.batching import Batch, Packer, infer_slices, restore_batch
 from mimood.runtime.bundle import BACKENDS, PRECISIONS, Bundle
 from mimood.runtime.outputs import (Row, geometry_summary, output_paths, read_report, write_json, write_report,
                                     write_scan)
@@ -220,11 +220,11 @@ def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, bac
 
     def run(batch: Batch):
         t0 = time.perf_counter()
-        maps = run_batch(engine, batch, cfg, seed)                           # [rows, H, W]
+        n = len(batch.rows)
+        restored = restore_batch(engine, batch, cfg, seed)
+        maps = restored.maps[:n]                                             # [n, H, W]
         if ood is not None:                                                  # OOD parts of the filled rows
-            n = len(batch.rows)
-            tokens = engine.get(engine.encode(engine.put(batch.images[:, None])))[:n]   # [n, N] int32
-            parts = ood.parts(tokens, batch.images[:n])
+            parts = ood.parts(restored.input_tokens[:n], batch.images[:n])  # tokens [n, N] int32
             for k in {k for k, _ in batch.rows}:
                 rows_k = np.array([j for j, (kk, _) in enumerate(batch.rows) if kk == k])
                 pending[k].ood.append((np.array([batch.rows[j][1] for j in rows_k]), SliceParts(
