@@ -56,7 +56,7 @@ class Aggregation:
 def brain_share(brain: np.ndarray, grid: int = GRID) -> np.ndarray:
     """Share of brain pixels under each token: brain [S, H, W] (bool or image > 0) -> [S, grid*grid] float32.
 
-    The same quantity as run/data/tokens.npz's fg_* (an 8 x 8 average pool of the brain mask).
+    An 8 x 8 average pool of the brain mask; training caches it as run/data/tokens.npz's fg_*.
     """
     brain = np.asarray(brain)
     if brain.ndim != 3 or brain.shape[1] % grid or brain.shape[2] % grid:

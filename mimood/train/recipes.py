@@ -27,6 +27,7 @@ from mimood.data.discover import discover
 from mimood.data.io import atomic_write
 from mimood.data.slices import SliceSet, build_slice_set, load_slice_set, save_slice_set, split_by_case
 from mimood.models.checkpoint import build_model, load_model
+from mimood.ood.scan import brain_share
 from mimood.train import objectives
 from mimood.train.trainer import Trainer, TrainResult, world
 
@@ -119,8 +120,7 @@ def tokenize(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, progress
             tokens = {"train": np.stack([encode(train.images, v) for v in range(TOKEN_VARIANTS)]),
                       "val": encode(val.images, 0), "vqvae_sha256": np.array(digest)}
         for name, s in (("train", train), ("val", val)):
-            brain = torch.from_numpy((s.images > 0).astype(np.float32))[:, None]
-            tokens[f"fg_{name}"] = torch.nn.functional.avg_pool2d(brain, 8).flatten(1).numpy().astype(np.float16)
+            tokens[f"fg_{name}"] = brain_share(s.images > 0).astype(np.float16)     # [S, 400]
         with atomic_write(path) as tmp:
             np.savez(tmp, **tokens)
     if world()[1] > 1:
