@@ -55,8 +55,8 @@ __all__ = ["BACKENDS", "Report", "infer_folder", "infer_slices", "load_engine", 
 def pick_backend(device: str | None = None) -> tuple[str, str]:
     """(backend, why) for `--backend auto`: TensorRT where it runs; else on a CUDA GPU torch with CUDA graphs;
     else onnxruntime (which uses its CUDA provider when it has one). On the CPU onnxruntime runs the loop
-    faster than torch eager: cpu preset (B 32, R 4, T 8), one 155-slice volume on 2 busy cores, the two
-    backends alternating batch by batch, 208 s vs 257 s. The GPU order (TensorRT, then CUDA graphs, then
+    faster than torch eager: cpu preset (B 32, R 4, T 8), one 155-slice BraTS volume on an idle 2-core CPU,
+    42.9 s vs 62.3 s (benchmarks/README.md). The GPU order (TensorRT, then CUDA graphs, then
     onnxruntime-CUDA) is by expectation, not yet measured."""
     from mimood.export.trt import trt_available
 
