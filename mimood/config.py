@@ -81,6 +81,12 @@ class MaskConfig:
     clean_share: float = 0.1          # ATD: share of samples left uncorrupted
     corruption: str = "uniform"       # ATD replacement codes: "uniform" (the paper) or "prior" (drawn from the
                                       # healthy brain tokens' code frequencies: plausible codes out of context)
+    lesion_share: float = 0.0         # ATD: share of samples corrupted in image space instead (synthetic lesions
+                                      # painted into the slice and re-encoded: mimood.train.lesions); 0 = paper
+
+
+LAM_PERCENTILE = 90.0   # default calibration rule: lambda = this percentile of healthy hold-out ATD token scores
+                        # (the reasons and the measurement: mimood.eval.calibrate)
 
 
 @dataclass
@@ -117,6 +123,8 @@ class RunConfig:
                              f"vqvae.num_embeddings ({self.vqvae.num_embeddings})")
         if self.masks.corruption not in ("uniform", "prior"):
             raise ValueError(f"masks.corruption must be 'uniform' or 'prior', got {self.masks.corruption!r}")
+        if not 0.0 <= self.masks.lesion_share <= 1.0:
+            raise ValueError(f"masks.lesion_share must lie in [0, 1], got {self.masks.lesion_share}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,6 +174,7 @@ def preset(name: str) -> RunConfig:
             preset="cpu",
             vqvae=VQConfig(channels=(16, 32, 64), num_res_layers=1, embedding_dim=64),
             transformer=TransformerConfig(width=64, depth=4, heads=4, drop_path=0.0),
+            masks=MaskConfig(lesion_share=1.0),     # see mimood.train.lesions: random codes miss real lesions
             optim_vqvae=OptimConfig(steps=1200, batch_size=16, lr=1e-3, weight_decay=0.0,
                                     warmup_steps=50, val_every=200, val_batches=4),
             optim_transformer=OptimConfig(steps=600, batch_size=32, lr=1e-3, weight_decay=1e-5,
@@ -176,6 +185,7 @@ def preset(name: str) -> RunConfig:
             preset="tiny",
             vqvae=VQConfig(channels=(8, 8, 16), num_res_layers=0, num_embeddings=32, embedding_dim=16),
             transformer=TransformerConfig(vocab_size=32, width=32, depth=2, heads=2, drop_path=0.0),
+            masks=MaskConfig(lesion_share=0.5),     # both ATD corruptions, so tests exercise both
             optim_vqvae=OptimConfig(steps=20, batch_size=4, lr=3e-3, weight_decay=0.0,
                                     val_every=10, val_batches=1),
             optim_transformer=OptimConfig(steps=20, batch_size=8, lr=3e-3, weight_decay=0.0,

@@ -137,7 +137,10 @@ def test_train_all_recipe(run):
         assert summary[kind]["steps"] == CFG.optim_transformer.steps
         assert read_info(out / kind / "best.safetensors")["kind"] == kind
     assert {"mae", "perplexity", "usage"} <= set(summary["vqvae"]["last"])
-    assert {"ap", "auroc"} <= set(summary["atd"]["last"])
+    assert {"ap", "auroc", "lesion_auroc"} <= set(summary["atd"]["last"])   # tiny: both ATD corruptions
+    lesions = np.load(out / "data" / "lesion_tokens.npz")
+    assert lesions["train"].shape == lesions["train_target"].shape and lesions["train"].shape[-1] == 400
+    assert str(lesions["vqvae_sha256"]) == str(np.load(out / "data" / "tokens.npz")["vqvae_sha256"])
     assert "masked_acc" in summary["mvtm"]["last"]
     tokens = np.load(out / "data" / "tokens.npz")
     assert tokens["train"].ndim == 3 and tokens["train"].shape[-1] == 400

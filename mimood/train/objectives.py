@@ -3,7 +3,8 @@
 - VQ-VAE: MAE reconstruction + commitment (MONAI EMA quantizer), broad intensity augmentation.
 - MVTM:   cross-entropy on masked positions only; masks = cosine-schedule ratio, painted as brush strokes or
           uniformly random (MaskGIT + the paper's brush masks).
-- ATD:    BCE per token; input = tokens with brush-stroke regions replaced by random codes, target = changed.
+- ATD:    BCE per token; input = tokens with brush-stroke regions replaced by random codes, target = changed;
+          optionally mixed with image-space synthetic lesions re-encoded by the VQ-VAE (mimood.train.lesions).
 - AR:     next-token cross-entropy in raster order.
 """
 from __future__ import annotations
@@ -104,8 +105,15 @@ def code_prior(tokens: np.ndarray, fg: np.ndarray, num_codes: int) -> torch.Tens
 
 
 def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int,
-                  masks: MaskConfig, num_codes: int, val_seed: int = 1234, code_probs: torch.Tensor | None = None):
-    """BCE of the per-token detector on brush-stroke corruptions; code_probs: see `mimood.models.masks.corrupt`."""
+                  masks: MaskConfig, num_codes: int, val_seed: int = 1234, code_probs: torch.Tensor | None = None,
+                  lesions: dict[str, np.ndarray] | None = None):
+    """BCE of the per-token detector on brush-stroke corruptions; code_probs: see `mimood.models.masks.corrupt`.
+
+    With `lesions` (mimood.train.lesions: "train"/"val" corrupted tokens [M, N] and "train_target"/"val_target"
+    [M, N] bool) a share `masks.lesion_share` of every batch is drawn from the image-space synthetic lesions
+    instead. Validation then reports both kinds (ap/auroc: code corruptions, lesion_ap/lesion_auroc: synthetic
+    lesions) and its loss is the two losses mixed in the training proportion."""
+    share = masks.lesion_share if lesions is not None else 0.0
 
     def step(model, tok, mask, gen):
         corrupted, target = corrupt(tok, mask, num_codes, gen, code_probs)
@@ -113,8 +121,16 @@ def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_ba
         return F.binary_cross_entropy_with_logits(logits.float(), target.float()), logits, target
 
     def loss_fn(model, step_i, rng):
-        tok = torch.from_numpy(tokens[rng.integers(0, len(tokens), batch)].astype(np.int64))
-        loss, _, target = step(model, tok, atd_masks(rng, batch, GRID, masks), _torch_gen(rng))
+        n_les = int(rng.binomial(batch, share)) if share > 0 else 0
+        tok = torch.from_numpy(tokens[rng.integers(0, len(tokens), batch - n_les)].astype(np.int64))
+        corrupted, target = corrupt(tok, atd_masks(rng, len(tok), GRID, masks), num_codes, _torch_gen(rng),
+                                    code_probs)
+        if n_les:
+            pick = rng.integers(0, len(lesions["train"]), n_les)
+            corrupted = torch.cat([corrupted, torch.from_numpy(lesions["train"][pick].astype(np.int64))])
+            target = torch.cat([target, torch.from_numpy(lesions["train_target"][pick])])
+        logits = model(corrupted)                                          # [B, N]
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target.float())
         return loss, {"corrupt_share": target.float().mean().item()}
 
     def val_fn(model):
@@ -128,8 +144,23 @@ def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_ba
             scores.append(logits.float().flatten().numpy())
             targets.append(target.flatten().numpy())
         y, p = np.concatenate(targets), np.concatenate(scores)
-        return {"loss": float(np.mean(losses)), "ap": float(average_precision_score(y, p)),
-                "auroc": float(roc_auc_score(y, p))}
+        out = {"loss": float(np.mean(losses)), "ap": float(average_precision_score(y, p)),
+               "auroc": float(roc_auc_score(y, p))}
+        if share > 0:
+            les_losses, scores, targets = [], [], []
+            for s in _batches(len(lesions["val"]), batch, val_batches):
+                logits = model(torch.from_numpy(lesions["val"][s].astype(np.int64)))
+                target = torch.from_numpy(lesions["val_target"][s])
+                les_losses.append(F.binary_cross_entropy_with_logits(logits.float(), target.float()).item())
+                scores.append(logits.float().flatten().numpy())
+                targets.append(target.flatten().numpy())
+            y, p = np.concatenate(targets), np.concatenate(scores)
+            both = 0 < y.sum() < y.size          # a tokenizer still collapsed (first steps) changes no code: NaN
+            out.update(code_loss=out["loss"], lesion_loss=float(np.mean(les_losses)),
+                       lesion_ap=float(average_precision_score(y, p)) if both else float("nan"),
+                       lesion_auroc=float(roc_auc_score(y, p)) if both else float("nan"))
+            out["loss"] = (1 - share) * out["code_loss"] + share * out["lesion_loss"]
+        return out
 
     return loss_fn, val_fn
 

@@ -5,6 +5,7 @@ Run folder layout (self-describing; `--resume` continues a killed run):
     run/config.json                    resolved RunConfig
     run/data/{train,val}_slices.npz    preprocessed slices (held-out volumes for validation)
     run/data/tokens.npz                cached tokens: augmented train variants + val
+    run/data/lesion_tokens.npz         ATD synthetic-lesion corruptions (only when masks.lesion_share > 0)
     run/<model>/{last,best}.safetensors, state.pt, log.jsonl
     run/ood.safetensors                OOD statistics of the best MVTM (ViM, Mahalanobis, KNN, atlas)
     run/summary.json                   validation metrics and wall time per model
@@ -34,6 +35,7 @@ from mimood.train.trainer import Trainer, TrainResult, world
 MODELS = ("vqvae", "mvtm", "atd", "ar")
 STAGES = MODELS + ("ood",)  # what `mimood-train` can run; "all" runs them in this order
 TOKEN_VARIANTS = 4          # identity, flip, and two random flip/rotations per training slice
+LESION_VARIANTS = 2         # synthetic-lesion corruptions per training slice (on the identity and flip variants)
 
 
 def log(msg: str) -> None:
@@ -128,8 +130,42 @@ def tokenize(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, progress
     return dict(np.load(path))
 
 
+@torch.no_grad()
+def lesion_cache(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, tokens: dict[str, np.ndarray],
+                 progress: bool = True) -> dict[str, np.ndarray]:
+    """Synthetic lesions painted into the slices and encoded once with the best VQ-VAE (mimood.train.lesions):
+    train [LESION_VARIANTS * N, 400] corrupted tokens + train_target, val [M, 400] + val_target; cached in
+    run/data/lesion_tokens.npz under the tokenizer's hash like the clean tokens."""
+    from mimood.train.lesions import VERSION, lesion_tokens
+
+    path = run / "data" / "lesion_tokens.npz"
+    digest = str(tokens["vqvae_sha256"])
+    key = f"{VERSION}/{LESION_VARIANTS}"                        # a changed generator is a stale cache too
+    if path.exists():
+        with np.load(path) as z:
+            if str(z["vqvae_sha256"]) == digest and str(z.get("generator", "")) == key:
+                return dict(z)
+    if world()[0] == 0:
+        vq, _ = load_model(run / "vqvae" / "best.safetensors")
+        rng = np.random.default_rng([cfg.seed, 7])
+        flipped = train.images[:, :, ::-1]                       # variant 1 of the clean tokens is the flip
+        with tqdm(total=len(train.images) * LESION_VARIANTS + len(val.images), desc="synthetic lesions",
+                  unit="slice", disable=not progress) as bar:
+            parts = [lesion_tokens(vq, imgs, tokens["train"][v], rng, bar=bar)
+                     for v, imgs in enumerate((train.images, flipped)[:LESION_VARIANTS])]
+            val_tok, val_target = lesion_tokens(vq, val.images, tokens["val"], rng, bar=bar)
+        out = {"train": np.concatenate([p[0] for p in parts]), "train_target": np.concatenate([p[1] for p in parts]),
+               "val": val_tok, "val_target": val_target, "vqvae_sha256": np.array(digest), "generator": np.array(key)}
+        with atomic_write(path) as tmp:
+            np.savez(tmp, **out)
+        log(f"synthetic lesions: {out['train_target'].mean():.1%} of training tokens changed by a lesion")
+    if world()[1] > 1:
+        torch.distributed.barrier()
+    return dict(np.load(path))
+
+
 def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np.ndarray], resume: bool,
-                      progress: bool = True) -> TrainResult:
+                      progress: bool = True, lesions: dict[str, np.ndarray] | None = None) -> TrainResult:
     model = build_model(task, cfg.transformer)
     o = cfg.optim_transformer
     train_tok = tokens["train"].reshape(-1, tokens["train"].shape[-1])     # [V*N, 400]
@@ -144,7 +180,7 @@ def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np
         prior = None if cfg.masks.corruption == "uniform" else objectives.code_prior(
             tokens["train"], np.broadcast_to(tokens["fg_train"], tokens["train"].shape), K)
         fns = objectives.atd_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks, K,
-                                       code_probs=prior)
+                                       code_probs=prior, lesions=lesions)
     else:
         fns = objectives.ar_objective(train_tok, val_tok, o.batch_size, o.val_batches)
     return trainer.fit(*fns, progress=progress)
@@ -176,7 +212,9 @@ def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path]
             if not (run / "vqvae" / "best.safetensors").exists():
                 raise ValueError(f"{run}: train the VQ-VAE first (mimood-train vqvae)")
             tokens = tokenize(run, cfg, train_set, val_set, progress)
-            result = train_transformer(name, run, cfg, tokens, resume, progress)
+            lesions = (lesion_cache(run, cfg, train_set, val_set, tokens, progress)
+                       if name == "atd" and cfg.masks.lesion_share > 0 else None)
+            result = train_transformer(name, run, cfg, tokens, resume, progress, lesions)
         summary[name] = {"steps": result.steps, "seconds": round(result.seconds, 1), "best": result.best_val,
                          "last": result.last_val}
         log(f"{name}: {result.steps} steps in {result.seconds:.0f} s; validation {_fmt(result.last_val)}")
