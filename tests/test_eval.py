@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from mimood.cli.eval import main
-from mimood.config import preset
+from mimood.config import LAM_PERCENTILE, preset
 from mimood.data.discover import discover
 from mimood.data.preprocess import Slices, normalise
 from mimood.data.slices import build_slice_set, save_slice_set
@@ -99,6 +99,13 @@ def test_calibration_writes_thresholds_that_flag_the_requested_share(tiny):
     assert cal["lam"] == pytest.approx(np.percentile(scores[brain], 90), rel=1e-6)
     share = cal["methods"]["mimood"]["healthy_token_share_above_lam"]
     assert share == pytest.approx(np.mean(scores[brain] > cal["lam"])) and 0.05 < share <= 0.10
+    # label-free checks of the ATD at lambda: both kinds it was trained on (tiny: masks.lesion_share 0.5)
+    for check in ("synthetic_corruptions", "synthetic_lesions"):
+        c = cal["methods"]["mimood"][check]
+        assert 0.0 <= c["clean_share_above_lam"] <= 1.0, check
+        # null only when no synthetic lesion changed a code (a 20-step tokenizer may still be near-collapsed)
+        assert c["corrupted_tokens"] == 0 or 0.0 <= c["corrupted_share_above_lam"] <= 1.0, check
+    assert cal["methods"]["mimood"]["synthetic_corruptions"]["corrupted_tokens"] > 0
     # intensity: P95 of the healthy normalised intensities
     assert cal["methods"]["intensity"]["threshold"] == pytest.approx(np.percentile(images[images > 0], 95), rel=1e-6)
 
@@ -187,10 +194,11 @@ def test_cli_prints_both_tables_and_writes_the_json_contract(tiny, tmp_path):
     assert "calibrating" in r.output                               # no calibration.json: calibrated first
     cal = load_calibration(run)
     assert set(cal["methods"]) == set(METHODS)
-    # the default lambda rule: P99 of the healthy hold-out's ATD token scores (not the configured 0.005)
+    # the default lambda rule: P90 of the healthy hold-out's ATD token scores (not the configured 0.005)
     scores, brain = _healthy_token_scores(run, "atd")
-    assert cal["lam"] == pytest.approx(np.percentile(scores[brain], 99), rel=1e-6)
-    assert cal["methods"]["mimood"]["lam_rule"] == "P99 of ATD scores of healthy brain tokens"
+    assert LAM_PERCENTILE == 90.0
+    assert cal["lam"] == pytest.approx(np.percentile(scores[brain], 90), rel=1e-6)
+    assert cal["methods"]["mimood"]["lam_rule"] == "P90 of ATD scores of healthy brain tokens"
     assert cal["data"]["slice_stride"] == 2                        # --slice-stride thins the hold-out too
     j = json.loads(out.read_text())
     for m in METHODS:
@@ -203,6 +211,17 @@ def test_cli_prints_both_tables_and_writes_the_json_contract(tiny, tmp_path):
     assert s["lams"]["mimood"] == cal["lam"]
     assert s["lams"]["mvtm_likelihood"] == cal["methods"]["mvtm_likelihood"]["lam"]
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["a_lesion.png", "b_lesion.png"]
+
+
+def test_cli_adds_the_thresholds_a_calibration_lacks(tiny, tmp_path):
+    """mimood-demo calibrates MIM-OOD only; evaluating a baseline on such a run recalibrates first."""
+    run, test = tiny
+    calibrate(run, methods=("mimood",), progress=False)
+    r = CliRunner().invoke(main, ["--run", str(run), "--data", str(test), "--methods", "mimood,intensity",
+                                  "--max-cases", "1", "--slice-stride", "4", "-T", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "has no thresholds for intensity: recalibrating" in r.output
+    assert set(load_calibration(run)["methods"]) >= {"mimood", "intensity"}
 
 
 def test_cli_adds_the_scan_level_ood_table_when_the_run_has_ood_statistics(tiny, tmp_path):

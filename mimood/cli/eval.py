@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from mimood.cli._common import friendly_errors
+from mimood.config import LAM_PERCENTILE
 from mimood.data.io import atomic_write
 
 
@@ -51,7 +52,7 @@ def _methods(value: str | None) -> tuple[str, ...] | None:
               help="Evaluate (and, when calibrating, restore the hold-out at) every K-th slice; stated in the output.")
 @click.option("--calibrate", "recalibrate", is_flag=True,
               help="(Re)calibrate on the run's healthy hold-out first; alone (no --data) it only calibrates.")
-@click.option("--lam-percentile", default=99.0, show_default=True,
+@click.option("--lam-percentile", default=LAM_PERCENTILE, show_default=True,
               type=click.FloatRange(0, 100, min_open=True, max_open=True),
               help="Calibration: lambda = this percentile of the ATD scores of healthy hold-out brain tokens.")
 @click.option("--paper-lam", is_flag=True,
@@ -73,6 +74,7 @@ def main(run, data, modality, json_path, png_dir, R, T, lam, seed, methods, max_
     from mimood.config import RunConfig
     from mimood.eval.calibrate import CALIBRATION, calibrate, load_calibration
     from mimood.eval.evaluate import evaluate
+    from mimood.eval.methods import available_methods
     from mimood.eval.tables import TABLES, format_table, to_json
 
     if data is None and not (recalibrate or train_critic):
@@ -83,9 +85,14 @@ def main(run, data, modality, json_path, png_dir, R, T, lam, seed, methods, max_
         click.echo(f"trained {run / 'critic'}: {result.steps} steps in {result.seconds:.0f} s, val {result.last_val}")
         recalibrate = True                                    # the critic needs its threshold
     run_cfg = RunConfig.load(run / "config.json").restore
-    if recalibrate or load_calibration(run) is None:
-        if not recalibrate:
+    cal = load_calibration(run)
+    uncalibrated = [m for m in (methods or available_methods(run)) if cal and m not in cal.get("methods", {})]
+    if recalibrate or cal is None or (data is not None and uncalibrated):
+        if cal is None and not recalibrate:
             click.echo(f"{run} has no {CALIBRATION}: calibrating on its healthy hold-out first", err=True)
+        elif not recalibrate:        # e.g. mimood-demo calibrates MIM-OOD only: add the baselines' thresholds
+            click.echo(f"{run / CALIBRATION} has no thresholds for {', '.join(uncalibrated)}: recalibrating",
+                       err=True)
         # every method the run has, with the run's own loop settings (-R/-T/--lam/--seed are evaluation options);
         # --slice-stride also thins the hold-out slices restored for the voxel thresholds
         cal = calibrate(run, run_cfg, None, lam_percentile=None if paper_lam else lam_percentile,
