@@ -42,7 +42,8 @@ def run_demo(out: str | Path, preset: str = "cpu", steps: int | None = None, say
 
     say(f"[3/6] calibrating lambda and the map threshold on held-out healthy slices -> {run / 'calibration.json'}")
     if not (run / "calibration.json").exists():
-        calibrate(run, progress=progress)
+        # MIM-OOD only: the demo infers with it; mimood-eval adds the baselines' thresholds when it needs them
+        calibrate(run, methods=("mimood",), progress=progress)
 
     say(f"[4/6] exporting ONNX graphs -> {export}")
     sources = [run / "calibration.json", *run.glob("*/best.safetensors")]

@@ -18,6 +18,7 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path):
     run = tmp_path / "run"
     cal = json.loads((run / "calibration.json").read_text())
     assert np.isfinite(cal["threshold"]) and 0.0 <= cal["lam"] <= 1.0
+    assert set(cal["methods"]) == {"mimood"}                  # the demo infers with MIM-OOD only
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert manifest["threshold"] == cal["threshold"]
     assert result["backend"].startswith("ort")
