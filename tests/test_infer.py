@@ -172,3 +172,18 @@ def test_run_option_uses_the_runs_export_folder(export, tmp_path):
     assert res.exit_code == 1 and res.output == ""                          # one failed scan, quietly
     assert json.loads((out / "provenance.json").read_text())["export"] == str(run / "export")
     assert read_report(out / "report.csv")["bad.nii.gz"]["status"] == "failed"
+
+
+def test_overlay_shows_the_largest_flagged_area_not_a_partial_volume_peak():
+    from mimood.runtime.outputs import overlay_slices
+    brain = np.ones((6, 8, 8), bool)
+    maps = np.zeros((6, 8, 8), np.float32)
+    maps[0, 0, 0] = 0.9                      # an edge slice: one very bright pixel
+    maps[3, 2:6, 2:6] = 0.5                  # a lesion: 16 pixels above the threshold
+    maps[4, 2:4, 2:4] = 0.5                  # a smaller one
+    maps[5, 0, 0] = 0.9
+    maps[5, 7, 7] = 0.0
+    assert overlay_slices(brain, maps, 0.3, n=2).tolist() == [3, 4]
+    assert overlay_slices(brain, maps, None, n=1).tolist() == [3]        # map mass without a threshold
+    brain[3] = False                                                     # outside the brain: not counted
+    assert 3 not in overlay_slices(brain, maps, 0.3, n=2).tolist()

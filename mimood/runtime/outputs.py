@@ -75,15 +75,25 @@ def write_scan(paths: dict[str, Path], name: str, slices: Slices, maps: np.ndarr
     return score, ml
 
 
+def overlay_slices(brain: np.ndarray, maps: np.ndarray, threshold: float | None, n: int = OVERLAY_SLICES
+                   ) -> np.ndarray:
+    """Indices of the n slices to show, in slice order: the largest flagged area inside the brain (the in-brain
+    map mass without a threshold), ties by the peak. Not the peak alone: the first and last slices of a brain,
+    a few pixels of partial volume, can peak higher than a lesion and would push it out of the picture."""
+    inside = np.where(brain, maps, 0)                                         # [S, H, W]
+    area = (inside > threshold).sum(axis=(1, 2)) if threshold is not None else inside.sum(axis=(1, 2))
+    order = np.lexsort((-inside.max(axis=(1, 2)), -area))                   # area first, then the peak
+    return np.sort(order[:n])
+
+
 def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, threshold: float | None,
                   score: float) -> None:
-    """PNG of the OVERLAY_SLICES slices with the highest in-brain map maximum, in slice order."""
+    """PNG of the OVERLAY_SLICES most anomalous slices, in slice order (overlay_slices)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    peak = np.where(slices.brain, maps, 0).max(axis=(1, 2))                 # [S]
-    pick = np.sort(np.argsort(-peak, kind="stable")[:OVERLAY_SLICES])
+    pick = overlay_slices(slices.brain, maps, threshold)
     vmax = max(float(maps.max()), 1e-6)
     fig, axes = plt.subplots(1, len(pick), figsize=(2.8 * len(pick), 3.2), squeeze=False)
     for ax, i in zip(axes[0], pick):
