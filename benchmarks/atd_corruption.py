@@ -1,8 +1,9 @@
-"""ATD token AP/AUROC on real lesion tokens for two ATDs sharing one VQ-VAE: trained with the paper's uniform
-replacement codes and with `masks.corruption = "prior"` (codes drawn from the healthy brain code frequencies).
+"""ATD token AP/AUROC on real lesion tokens for several ATDs sharing one VQ-VAE, e.g. trained with the paper's
+uniform replacement codes, with `masks.corruption = "prior"` (codes drawn from the healthy brain code
+frequencies) and with `masks.lesion_share > 0` (image-space synthetic lesions, mimood.train.lesions).
 
     python benchmarks/atd_corruption.py --vqvae RUN/vqvae/best.safetensors \\
-        --atd uniform=RUN/atd/best.safetensors --atd prior=RUN2/atd/best.safetensors --data TEST_DIR [--stride 4]
+        --atd uniform=RUN/atd/best.safetensors --atd lesion=RUN2/atd/best.safetensors --data TEST_DIR [--stride 4]
 
 Brain tokens only (a token is brain if any pixel is; lesion if any pixel has label > 0), every `stride`-th slice.
 Results: benchmarks/results/atd_corruption.md.

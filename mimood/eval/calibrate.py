@@ -14,7 +14,7 @@ labelled data; "methods" holds the same pair for every baseline. How each value 
                       decides what the loop resamples; the false-alarm rate of the masks is set by the voxel
                       threshold below. A healthy token that is resampled comes back healthy, a missed lesion token
                       is not healed, so a generous budget costs little: with the cpu preset's ATD, P90 gave pixel
-                      [DICE] 0.339 / AUROC 0.767 on the demo test set against 0.135 / 0.522 at P99
+                      [DICE] 0.338 / AUROC 0.774 on the demo test set against 0.135 / 0.522 at P99
                       (benchmarks/results/atd_corruption.md). As a label-free check, the share of synthetic
                       ATD-style corruptions (brush masks of random codes on the same healthy slices) scored above
                       lambda is stored beside it, and for an ATD trained on image-space synthetic lesions
