@@ -89,8 +89,8 @@ def paint_lesions(image: np.ndarray, rng: np.random.Generator, max_lesions: int 
             core = out * factor
         else:                                                    # a foreign tissue: a constant from this brain
             level = float(rng.choice(values))
-            if abs(level - base) < 0.15:                          # too close to what is there: push it away
-                level = base + 0.15 * (1 if rng.uniform() < 0.5 else -1) + (level - base)
+            if abs(level - base) < 0.15:     # close to what is there: shift it by 0.15 either way (it can stay
+                level = base + 0.15 * (1 if rng.uniform() < 0.5 else -1) + (level - base)   # close: target 0)
             core = np.full_like(out, level)
         if rng.uniform() < 0.5:                                  # texture
             core = core * (1.0 + rng.uniform(0.02, 0.15) * _smooth_noise(rng, img.shape, rng.uniform(1.0, 3.0)))
