@@ -28,7 +28,7 @@ import torch
 
 from mimood.config import RunConfig
 from mimood.data.slices import load_slice_set
-from mimood.eval.calibrate import calibrate, healthy_token_scores, load_calibration
+from mimood.eval.calibrate import calibrate, encode_slices, healthy_token_scores, load_calibration
 from mimood.eval.evaluate import evaluate
 from mimood.eval.methods import load_models
 from mimood.eval.metrics import token_labels
@@ -88,7 +88,8 @@ def ablation(args) -> None:
     run, cal = calibrated_run(args)
     cfg = RunConfig.load(run / "config.json").restore
     val = load_slice_set(run / "data" / "val_slices.npz").images.astype(np.float32)
-    atd = healthy_token_scores(load_models(run, ["mimood"]), val, cfg.batch)["mimood"]
+    models = load_models(run, ["mimood"])
+    atd = healthy_token_scores(models, encode_slices(models["vqvae"], val, cfg.batch), cfg.batch)["mimood"]
     healthy = atd[token_labels(val > 0).reshape(len(val), -1)]
     lams = {"paper 0.005": 0.005, **{f"P{q:g}": float(np.percentile(healthy, q)) for q in (95, 99.9)}}
     variants = {"default (T=8, R=4, P99)": (cfg, None), "T=1": (replace(cfg, T=1), None),

@@ -67,22 +67,30 @@ def load_calibration(run: str | Path) -> dict | None:
 
 
 @torch.no_grad()
-def healthy_token_scores(models: dict, images: np.ndarray, batch: int, mvtm_stride: int = 2
+def encode_slices(vqvae, images: np.ndarray, batch: int) -> np.ndarray:
+    """Tokens [M, N] int32 of slices [M, H, W] (the loop's encoder graph)."""
+    encode = EncodeGraph(vqvae).eval()
+    return np.concatenate([encode(torch.from_numpy(images[i:i + batch, None])).numpy()
+                           for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def healthy_token_scores(models: dict, tokens: np.ndarray, batch: int, mvtm_stride: int = 2
                          ) -> dict[str, np.ndarray]:
-    """Token scores of the input tokens of healthy slices [M,H,W]: {"mimood": ATD probabilities,
+    """Token scores of the tokens [M, N] of healthy slices (`encode_slices`): {"mimood": ATD probabilities,
     "mvtm_likelihood": MVTM NLLs, "ar": AR NLLs, "token_critic": critic probabilities (the last two when their
     models are loaded)}, each [M, N] float32."""
-    encode, atd = EncodeGraph(models["vqvae"]).eval(), ATDGraph(models["atd"]).eval()
+    atd = ATDGraph(models["atd"]).eval()
     nll = MVTMLikelihood(models["mvtm"], mvtm_stride).eval()
     out = {"mimood": [], "mvtm_likelihood": [], "ar": [], "token_critic": []}
-    for i in range(0, len(images), batch):
-        tokens = encode(torch.from_numpy(images[i:i + batch, None]))          # [B, N]
-        out["mimood"].append(atd(tokens).numpy())
-        out["mvtm_likelihood"].append(nll(tokens).numpy())
+    for i in range(0, len(tokens), batch):
+        t = torch.from_numpy(tokens[i:i + batch])                            # [B, N]
+        out["mimood"].append(atd(t).numpy())
+        out["mvtm_likelihood"].append(nll(t).numpy())
         if "ar" in models:
-            out["ar"].append(ar_nll(models["ar"], tokens).numpy())
+            out["ar"].append(ar_nll(models["ar"], t).numpy())
         if CRITIC in models:
-            out["token_critic"].append(ATDGraph(models[CRITIC]).eval()(tokens).numpy())
+            out["token_critic"].append(ATDGraph(models[CRITIC]).eval()(t).numpy())
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
@@ -111,6 +119,7 @@ def synthetic_lesion_check(atd, vq, images: np.ndarray, tokens: np.ndarray, brai
 def _check(atd, bad: torch.Tensor, target: np.ndarray, brain_tokens: np.ndarray, lam: float) -> dict[str, float]:
     scores = torch.cat([ATDGraph(atd).eval()(bad[i:i + 64]) for i in range(0, len(bad), 64)]).numpy()
     metrics = token_metrics(scores, target, mask=brain_tokens)
+
     def share(sel: np.ndarray) -> float:      # NaN, not a warning, when there is nothing to count
         return float(np.mean(scores[sel] > lam)) if sel.any() else float("nan")
 
@@ -146,7 +155,8 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
     brain_tokens = token_labels(brain).reshape(len(images), -1)              # [M, N] token has brain pixels
     models = load_models(run, methods)
 
-    token_scores = healthy_token_scores(models, images, cfg.batch, mvtm_stride)
+    tokens = encode_slices(models["vqvae"], images, cfg.batch)                 # [M, N], once for every use below
+    token_scores = healthy_token_scores(models, tokens, cfg.batch, mvtm_stride)
     lams, rules = {}, {}
     if lam_percentile is None:
         lams["mimood"], rules["mimood"] = cfg.lam, "configured lambda (RestoreConfig.lam)"
@@ -179,9 +189,6 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
                 entry["healthy_token_share_above_lam"] = float(
                     np.mean(token_scores[name][brain_tokens] > method.lam))
         per_method[name] = entry
-    with torch.no_grad():
-        tokens = np.concatenate([EncodeGraph(models["vqvae"]).eval()(torch.from_numpy(images[i:i + cfg.batch, None]))
-                                 .numpy() for i in range(0, len(images), cfg.batch)])
     per_method["mimood"]["synthetic_corruptions"] = synthetic_corruption_check(
         models["atd"], tokens, brain_tokens, run_cfg.masks, lams["mimood"], cfg.seed)
     if run_cfg.masks.lesion_share > 0:

@@ -22,7 +22,6 @@ only in the token or pixel score:
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -139,13 +138,14 @@ def load_cases(run: str | Path, data: str | Path, modality: str = "t2", max_case
     from mimood.config import RunConfig
     from mimood.data.discover import discover
     from mimood.data.preprocess import preprocess
+    from mimood.eval.calibrate import encode_slices, load_calibration
     from mimood.models.checkpoint import load_model
     from mimood.restore import TorchEngine, restore
 
     run = Path(run)
     cfg = RunConfig.load(run / "config.json")
-    calibration = run / "calibration.json"
-    lam = json.loads(calibration.read_text())["lam"] if calibration.exists() else cfg.restore.lam
+    cal = load_calibration(run)
+    lam = cal["lam"] if cal is not None else cfg.restore.lam
     engine = TorchEngine.from_run(run) if comparisons else None
     vqvae = load_model(run / "vqvae" / "best.safetensors")[0].eval()
     cases = [c for c in discover(data, modality=modality) if c.label is not None][:max_cases]
@@ -155,9 +155,7 @@ def load_cases(run: str | Path, data: str | Path, modality: str = "t2", max_case
         s = preprocess(case.image, cfg.data, label=case.label)
         rows = np.arange(0, len(s.images), slice_stride)
         x = s.images[rows, None].astype(np.float32)                              # [S, 1, H, W]
-        with torch.no_grad():
-            tokens = np.concatenate([vqvae.encode(torch.from_numpy(x[j:j + 64])).flatten(1).numpy()
-                                     for j in range(0, len(x), 64)]).astype(np.int32)   # [S, N]
+        tokens = encode_slices(vqvae, x[:, 0], 64)                               # [S, N] int32
         c = EvalCase(name=case.name, tokens=tokens, fg=brain_share(s.brain[rows]), labels=s.labels[rows],
                      brain=s.brain[rows], index=s.index[rows])
         if comparisons:
