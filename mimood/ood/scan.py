@@ -101,6 +101,10 @@ class SliceParts:
     pooled: np.ndarray                # [S, d] mean feature over the brain tokens (KNN input)
     fg: np.ndarray                    # [S, N] brain share per token
 
+    def take(self, idx: np.ndarray) -> "SliceParts":
+        """The parts of the slices `idx` (indices along the slice axis), in that order."""
+        return SliceParts(token={k: v[idx] for k, v in self.token.items()}, pooled=self.pooled[idx], fg=self.fg[idx])
+
     @staticmethod
     def cat(parts: list["SliceParts"]) -> "SliceParts":
         """Concatenate slice parts along the slice axis (in the given order)."""

@@ -202,10 +202,7 @@ def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, bac
             ood_report = None
             if ood is not None:
                 order = np.argsort(np.concatenate([i for i, _ in s.ood]), kind="stable")
-                parts = SliceParts.cat([p for _, p in s.ood])
-                parts = SliceParts({n: v[order] for n, v in parts.token.items()}, parts.pooled[order],
-                                   parts.fg[order])
-                ood_report = ood.score(parts)
+                ood_report = ood.score(SliceParts.cat([p for _, p in s.ood]).take(order))
         except (InputError, OSError) as e:
             return fail(k, s.case, e, s.seconds + time.perf_counter() - t0)
         seconds = s.seconds + time.perf_counter() - t0
@@ -227,8 +224,7 @@ def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, bac
             parts = ood.parts(restored.input_tokens[:n], batch.images[:n])  # tokens [n, N] int32
             for k in {k for k, _ in batch.rows}:
                 rows_k = np.array([j for j, (kk, _) in enumerate(batch.rows) if kk == k])
-                pending[k].ood.append((np.array([batch.rows[j][1] for j in rows_k]), SliceParts(
-                    {name: v[rows_k] for name, v in parts.token.items()}, parts.pooled[rows_k], parts.fg[rows_k])))
+                pending[k].ood.append((np.array([batch.rows[j][1] for j in rows_k]), parts.take(rows_k)))
         share = (time.perf_counter() - t0) / len(batch.rows)
         for (k, i), m in zip(batch.rows, maps):
             pending[k].maps[i] = m
