@@ -19,15 +19,17 @@ from mimood.restore import TorchEngine
 from mimood.runtime.bundle import WEIGHTS, Bundle
 
 
-def load_torch_engine(bundle: Bundle, precision: str = "fp32", device: str | None = None) -> TorchEngine:
-    """TorchEngine (CPU or CUDA eager) or CudaGraphEngine (CUDA) on the export's checkpoints. fp16 = autocast on
-    a GPU (on the CPU fp16 kernels are slow or missing); bf16 = autocast on either (on CPUs with AVX-512 bf16 it
-    is 1.2-2x faster than fp32 eager; `mimood-bench` measures it)."""
+def load_torch_engine(bundle: Bundle, precision: str = "fp32", device: str | None = None,
+                      cuda_graphs: bool = True) -> TorchEngine:
+    """TorchEngine (CPU or CUDA eager) or CudaGraphEngine (CUDA, unless cuda_graphs=False: `mimood-bench`'s
+    eager reference) on the export's checkpoints. fp16 = autocast on a GPU (on the CPU fp16 kernels are slow or
+    missing); bf16 = autocast on either (on CPUs with AVX-512 bf16 it is 1.2-2x faster than fp32 eager;
+    `mimood-bench` measures it)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if precision == "fp16" and not device.startswith("cuda"):
         raise ValueError("--precision fp16 with the torch backend needs a CUDA GPU")
     models = {k: load_model(bundle.weights(k), device=device)[0] for k in WEIGHTS}
-    cls = CudaGraphEngine if device.startswith("cuda") else TorchEngine
+    cls = CudaGraphEngine if device.startswith("cuda") and cuda_graphs else TorchEngine
     engine = cls(models["vqvae"], models["atd"], models["mvtm"], bundle.restore_config(), device=device,
                  autocast={"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision))
     engine.manifest, engine.batch, engine.precision = bundle.manifest, bundle.manifest.batch, precision
