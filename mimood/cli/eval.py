@@ -3,7 +3,7 @@
     mimood-eval --run DIR --data DIR [--modality t2] [--json FILE] [--png DIR] [-R 4] [-T 8] [--lam 0.005]
                 [--methods mimood,ar,mvtm_likelihood,token_critic,intensity] [--max-cases N] [--slice-stride K]
                 [--seed 0]
-    mimood-eval --run DIR --calibrate [--lam-percentile 99 | --paper-lam] [--slice-stride K]
+    mimood-eval --run DIR --calibrate [--lam-percentile 90 | --paper-lam] [--slice-stride K]
                                                                  (re)write DIR/calibration.json only
     mimood-eval --run DIR --train-critic                         train the Token Critic baseline (then calibrate)
 """
