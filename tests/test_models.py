@@ -129,6 +129,17 @@ def test_dead_codes_are_restarted():
     assert (q.ema_cluster_size / q.ema_cluster_size.sum() >= threshold).all()
 
 
+def test_dead_code_restart_under_bf16_autocast():
+    # mimood-train --bf16: the encoder output is bfloat16, the codebook stays float32
+    torch.manual_seed(0)
+    vq = VQVAE(CFG.vqvae).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vq(torch.rand(2, 1, 160, 160))
+    assert vq._last_z.dtype == torch.bfloat16
+    assert vq.restart_dead_codes() > 0
+    assert vq.quantizer.embedding.weight.dtype == torch.float32
+
+
 def test_mvtm_step_samples_by_inverse_cdf_and_keeps_unmasked(models):
     step = MVTMStep(models["mvtm"]).eval()
     g = torch.Generator().manual_seed(1)

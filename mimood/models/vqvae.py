@@ -85,7 +85,8 @@ class VQVAE(nn.Module):
         dead = torch.nonzero(share < self.cfg.dead_code_threshold / q.num_embeddings).flatten()
         if dead.numel() == 0:
             return 0
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        # z is bfloat16 under CPU bf16 autocast (mimood-train --bf16); the codebook and EMA buffers stay float32
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).to(q.embedding.weight.dtype)
         pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
         new = flat[pick] + 1e-3 * torch.randn_like(flat[pick])
         mean_size = q.ema_cluster_size.mean()
