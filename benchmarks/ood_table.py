@@ -34,12 +34,12 @@ from mimood.ood.features import PASSES
 from mimood.ood.fit import OODFitConfig, fit_ood
 from mimood.ood.scan import Aggregation, OODScorer
 
-FIELDS = ("tokens", "fg", "labels", "brain", "index")
+FIELDS = ("tokens", "fg", "labels", "brain", "index", "mirror_tokens")
 
 
 def cached_cases(run: Path, work: Path, name: str, root: Path, stride: int, modality: str,
                  comparisons: bool) -> list[EvalCase]:
-    cache = work / f"cases_{name}_s{stride}{'' if comparisons else '_tokens'}.npz"
+    cache = work / f"cases_{name}_s{stride}{'' if comparisons else '_tokens'}_v2.npz"   # v2: with mirror_tokens
     if not cache.exists():
         cases = load_cases(run, root, modality, slice_stride=stride, comparisons=comparisons)
         arrays = {}
@@ -75,7 +75,7 @@ def sweep(cases: list[EvalCase], scorer: OODScorer) -> dict:
     bank and the cases' parts were pooled with it)."""
     out = {}
     for norm, k, m in itertools.product((True, False), (1, 0.01, 0.02, 0.05, 0.1, 0.25, 0.999), (3,)):
-        t = evaluate_ood(cases, scorer, Aggregation(scorer.agg.fg_min, k, m, norm))
+        t = evaluate_ood(cases, scorer, replace(scorer.agg, token_topk=k, slice_topm=m, position_norm=norm))
         out[f"norm={norm},k={k},m={m}"] = {level: {n: v["auroc"] for n, v in t[level].items()}
                                            for level in ("slice", "scan", "token")}
     return out
@@ -115,7 +115,8 @@ def main() -> None:
                   f"(sweep {meta['fit']['dim_sweep_auroc']}), {time.time() - t0:.0f} s", flush=True)
             for name, cases in sets.items():
                 t0 = time.time()
-                cases = [replace(c, parts=scorer.parts(scorer.features(c.tokens), c.tokens, c.fg))
+                cases = [replace(c, parts=scorer.parts(scorer.features(c.tokens), c.tokens, c.fg,
+                                                       h_mirror=scorer.features(c.mirror_tokens)))
                          for c in cases]                                    # features and token scores once
                 table = evaluate_ood(cases, scorer)
                 print(format_table(table, f"\n== {name}, {key} ({time.time() - t0:.0f} s) {table['counts']}"),

@@ -21,6 +21,7 @@ from mimood.data.preprocess import preprocess
 from mimood.errors import InputError
 from mimood.models.checkpoint import build_model, load_model, save_model
 from mimood.ood.features import FeatureGraph, mvtm_features
+from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import OOD_FILE, OODScorer, brain_share
 from mimood.runtime import infer_folder
 from mimood.runtime.bundle import Bundle
@@ -137,8 +138,10 @@ def test_report_scan_score_is_the_ood_score(run, export, tmp_path):
     vq, _ = load_model(run[0] / "vqvae" / "best.safetensors")
     with torch.no_grad():
         tokens = vq.encode(torch.from_numpy(s.images[:, None].astype(np.float32))).flatten(1).numpy()
-    res = scorer.scores_from_features(scorer.features(tokens), tokens, brain_share(s.images > 0))
+        mirrored = vq.encode(torch.from_numpy(mirror_slices(s.images)[:, None].astype(np.float32))).flatten(1).numpy()
+    res = scorer.score(tokens, brain_share(s.images > 0), mirrored)
     want = res.scan[scorer.scan_score_name]
+    assert scorer.scan_score_name == "mirror" and res.scan["mirror"] > 0
     assert row["score_name"] == f"ood.{scorer.scan_score_name}"
     assert float(row["scan_score"]) == pytest.approx(want, rel=1e-4, abs=1e-5)
     amap = np.asarray(nib.load(str(out / "scan.nii.gz")).dataobj)
@@ -168,7 +171,7 @@ def test_eval_tables_on_a_labelled_folder(run, tmp_path):
     table, text = eval_tables(run[0], data, slice_stride=2, progress=False)
     assert table["counts"]["scans"] == 2 and table["counts"]["lesion_scans"] == 1
     assert table["counts"]["lesion_slices"] > 0 and table["scan_score"] == OODScorer.load(run[0]).scan_score_name
-    assert {"vim", "residual", "mahalanobis", "knn", "nll", "atd", "map"} <= set(table["scan"]) == set(table["slice"])
+    assert {"vim", "residual", "mahalanobis", "knn", "nll", "mirror", "atd", "map"} <= set(table["scan"]) == set(table["slice"])
     assert all(set(m) == {"auroc", "aupr", "fpr95"} for m in table["scan"].values())
     assert set(table["token"]["nll"]) == {"ap", "auroc"} and "map" not in table["token"]
     json.dumps(table, allow_nan=False)                                      # strict JSON: no NaN left

@@ -1,6 +1,6 @@
 """OOD features, fitting, scan scoring and the evaluation table on a tiny run built in the test.
 
-The run is real files (config.json, a seeded MVTM checkpoint, tokens.npz, val_slices.npz), so fit_ood and
+The run is real files (config.json, seeded MVTM and VQ-VAE checkpoints, tokens.npz, val_slices.npz), so fit_ood and
 OODScorer.load read exactly what a trained run holds. Healthy tokens use codes 0-7 only; anomalies use
 codes the fit never saw.
 """
@@ -12,15 +12,17 @@ import torch
 from safetensors.numpy import load_file
 
 from mimood.config import preset
-from mimood.data.slices import SliceSet, save_slice_set
+from mimood.data.slices import SliceSet, load_slice_set, save_slice_set
 from mimood.errors import InputError
 from mimood.eval.metrics import detection_metrics
-from mimood.models.checkpoint import build_model, save_model
+from mimood.eval.calibrate import encode_slices
+from mimood.models.checkpoint import build_model, load_model, save_model
 from mimood.ood.atlas import AtlasFit, slice_bins
 from mimood.ood.evaluate import EvalCase, evaluate_ood, format_table
 from mimood.ood.features import FeatureGraph, mask_groups, mvtm_features
 from mimood.ood.fit import OODFitConfig, fit_ood
-from mimood.ood.scan import Aggregation, OODScorer, brain_share, brain_tokens, scan_aggregate, slice_aggregate
+from mimood.ood.mirror import mirror_slices
+from mimood.ood.scan import SLICE_SCORES, Aggregation, OODScorer, brain_share, brain_tokens, scan_aggregate, slice_aggregate
 
 GRID = 20
 
@@ -48,6 +50,8 @@ def make_run(root, n_train=24, n_val=12, seed=0):
     cfg.save(root / "config.json")
     torch.manual_seed(seed)
     save_model(build_model("mvtm", cfg.transformer), root / "mvtm" / "best.safetensors", "mvtm")
+    # the fit encodes the mirrored validation slices (the `mirror` score's healthy reference)
+    save_model(build_model("vqvae", cfg.vqvae), root / "vqvae" / "best.safetensors", "vqvae")
     rng = np.random.default_rng(seed)
     fg = _disc_fg()
     (root / "data").mkdir()
@@ -166,13 +170,21 @@ def test_fit_writes_loadable_statistics(run):
     assert meta["fit"]["D"] in (8, 16, 24) and set(meta["fit"]["dim_sweep_auroc"]) == {"8", "16", "24"}
     assert scorer.vim.D == meta["fit"]["D"] and scorer.vim.alpha > 0
     assert scorer.W.shape == (32, 32) and scorer.mahalanobis.means.shape == (32, 32)
-    # every score has one reference value per validation volume (2 here)
-    assert all(len(v) == 2 for v in meta["reference"].values()) and meta["scan_score"] == "nll"
-    rep = scorer.report(scorer.score(np.load(run / "data" / "tokens.npz")["val"][:6],
-                                     np.load(run / "data" / "tokens.npz")["fg_val"][:6]))
-    assert rep["score"] == "nll" and rep["reference_scans"] == 2
-    assert rep["value"] == pytest.approx(meta["reference"]["nll"][0])           # volume v0 is a reference
-    assert scorer.summary()["scan_score"] == "nll" and scorer.summary()["reference"]["n"] == 2
+    # every score has one reference value per validation volume (2 here); the default scan score is `mirror`
+    assert set(meta["reference"]) == set(SLICE_SCORES) and all(len(v) == 2 for v in meta["reference"].values())
+    assert meta["scan_score"] == "mirror" and set(scorer.atlas) == set(SLICE_SCORES) - {"mirror", "knn"}
+    z = np.load(run / "data" / "tokens.npz")
+    images = load_slice_set(run / "data" / "val_slices.npz").images[:6].astype(np.float32)   # volume v0
+    vqvae = load_model(run / "vqvae" / "best.safetensors")[0].eval()
+    mirrored = encode_slices(vqvae, mirror_slices(images), 8)
+    rep = scorer.report(scorer.score(z["val"][:6], z["fg_val"][:6], mirrored))
+    assert rep["score"] == "mirror" and rep["reference_scans"] == 2
+    assert rep["value"] == pytest.approx(meta["reference"]["mirror"][0])        # volume v0 is a reference
+    assert scorer.summary()["scan_score"] == "mirror" and scorer.summary()["reference"]["n"] == 2
+    # without the mirrored tokens the other scores are still there
+    assert "mirror" not in scorer.score(z["val"][:6], z["fg_val"][:6]).scan
+    assert scorer.report(scorer.score(z["val"][:6], z["fg_val"][:6]), "nll")["value"] == pytest.approx(
+        meta["reference"]["nll"][0])
 
 
 def test_fit_is_deterministic_and_subsamples(tmp_path, run):

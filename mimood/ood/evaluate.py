@@ -6,6 +6,8 @@ lesion slices and scans, next to the ATD-based and anomaly-map-based scores, plu
     table["slice"][...], table["token"][...] == {"ap": ..., "auroc": ...}, table["counts"]
 
     table, text = eval_tables(run, data)     # all of it for a run with fitted OOD statistics and a labelled folder
+    table = evaluate_folds([(scorer_a, cases_b), (scorer_b, cases_a)])   # cross-fitting: each case scored by
+                                             # the run that never saw it, metrics over the pooled slices
 
 Labels: a slice is a lesion slice when at least `min_lesion_px` of its pixels are labelled, healthy when none
 is, and left out when in between; a scan is a lesion scan when any slice is labelled. Token labels: a brain
@@ -13,8 +15,8 @@ token is a lesion token when any of its pixels is (mimood.eval.metrics.token_lab
 tokens (the ones the slice scores aggregate) are ranked. With one class missing (e.g. BraTS has no healthy
 scan) a metric is NaN.
 
-Comparison rows (named by the caller, e.g. "atd", "map") use the scorer's aggregation too, so all rows differ
-only in the token or pixel score:
+Comparison rows (named by the caller, e.g. "atd", "map") use the scorer's aggregation too (top-k, axial
+smoothing, top-m), so all rows differ only in the token or pixel score:
     token_scores[name]  e.g. ATD probabilities of the input tokens [S, N]: top-k mean over brain tokens, top-m
                         over slices, and a token-level row;
     maps[name]          e.g. restoration anomaly maps [S, H, W]: top-k mean over brain pixels (k the same share
@@ -30,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from mimood.eval.metrics import detection_metrics, json_ready, token_labels, token_metrics, topk_mean
-from mimood.ood.scan import Aggregation, OODScorer, SliceParts, brain_share, scan_aggregate, slice_aggregate
+from mimood.ood.mirror import mirror_slices
+from mimood.ood.scan import (Aggregation, OODScorer, SliceParts, axial_smooth, brain_share, scan_aggregate,
+                             slice_aggregate)
 
 
 @dataclass
@@ -46,6 +50,8 @@ class EvalCase:
     h: np.ndarray | None = None           # [S, N, d] MVTM features (computed with the scorer when None)
     parts: SliceParts | None = None       # the scorer's per-slice parts (OODScorer.parts), for repeated evaluations
     index: np.ndarray | None = None       # [S] slice positions in the volume (atlas bins); None = 0..S-1
+    mirror_tokens: np.ndarray | None = None  # [S, N] VQ codes of the left-right mirrored slices (`mirror` score)
+    h_mirror: np.ndarray | None = None    # [S, N, d] their MVTM features (computed when None)
 
 
 def _map_slice_scores(maps: np.ndarray, brain: np.ndarray, k: float | int) -> np.ndarray:
@@ -53,23 +59,39 @@ def _map_slice_scores(maps: np.ndarray, brain: np.ndarray, k: float | int) -> np
     return np.array([topk_mean(m[b], k) if b.any() else 0.0 for m, b in zip(maps, brain)])
 
 
-def evaluate_ood(cases: list[EvalCase], scorer: OODScorer, agg: Aggregation | None = None,
+def evaluate_folds(folds: list[tuple[OODScorer, list[EvalCase]]], agg: Aggregation | None = None,
+                   min_lesion_px: int = 1) -> dict:
+    """The OOD table over the cases of every fold, each case scored by its fold's scorer (cross-fitting: the
+    run trained without those cases), metrics over the pooled slices and scans."""
+    return evaluate_ood([c for _, cases in folds for c in cases],
+                        [scorer for scorer, cases in folds for _ in cases], agg, min_lesion_px)
+
+
+def evaluate_ood(cases: list[EvalCase], scorer: OODScorer | list[OODScorer], agg: Aggregation | None = None,
                  min_lesion_px: int = 1) -> dict:
-    """The OOD table over `cases` (see the module docstring). `agg` overrides the scorer's aggregation."""
+    """The OOD table over `cases` (see the module docstring), scored by `scorer` (or by scorer[i] for case i).
+    `agg` overrides the scorers' aggregation."""
     if not cases:
         raise ValueError("no cases to evaluate")
-    agg = agg or scorer.agg
+    scorers = list(scorer) if isinstance(scorer, (list, tuple)) else [scorer] * len(cases)
+    if len(scorers) != len(cases):
+        raise ValueError(f"{len(scorers)} scorers for {len(cases)} cases")
+    agg = agg or scorers[0].agg
     slice_s: dict[str, list] = {}
     scan_s: dict[str, list] = {}
     token_s: dict[str, list] = {}
     slice_y, scan_y, token_y = [], [], []
-    for case in cases:
+    for case, scorer in zip(cases, scorers):
         S = len(case.tokens)
+        index = np.arange(S) if case.index is None else np.asarray(case.index)
         if case.parts is not None:
-            res = scorer.combine(case.parts, agg, case.index)
+            res = scorer.combine(case.parts, agg, index)
         else:
             h = scorer.features(case.tokens) if case.h is None else case.h
-            res = scorer.scores_from_features(h, case.tokens, case.fg, agg, case.index)
+            h_mirror = case.h_mirror
+            if h_mirror is None and case.mirror_tokens is not None:
+                h_mirror = scorer.features(case.mirror_tokens)
+            res = scorer.scores_from_features(h, case.tokens, case.fg, agg, index, h_mirror)
         token, slices, mask = dict(res.token), dict(res.slice), res.brain    # mask [S, N] brain tokens
         clash = (set(case.token_scores) | set(case.maps)) & set(slices)
         if clash or set(case.token_scores) & set(case.maps):
@@ -77,11 +99,12 @@ def evaluate_ood(cases: list[EvalCase], scorer: OODScorer, agg: Aggregation | No
                              f"{sorted(slices)}")
         for name, s in case.token_scores.items():
             token[name] = np.asarray(s, dtype=np.float64)
-            slices[name] = slice_aggregate(token[name], mask, agg.token_topk)
+            slices[name] = axial_smooth(slice_aggregate(token[name], mask, agg.token_topk), index, agg.axial_sigma)
         if case.maps and case.brain is None:
             raise ValueError(f"{case.name}: anomaly maps need the brain mask")
         for name, m in case.maps.items():
-            slices[name] = _map_slice_scores(np.asarray(m), np.asarray(case.brain, bool), agg.token_topk)
+            slices[name] = axial_smooth(_map_slice_scores(np.asarray(m), np.asarray(case.brain, bool), agg.token_topk),
+                                        index, agg.axial_sigma)
         labels = np.zeros((S, 1, 1), bool) if case.labels is None else np.asarray(case.labels, bool)
         px = labels.reshape(S, -1).sum(axis=1)                               # [S] lesion pixels per slice
         keep = (px == 0) | (px >= min_lesion_px)
@@ -106,7 +129,8 @@ def evaluate_ood(cases: list[EvalCase], scorer: OODScorer, agg: Aggregation | No
         "counts": {"scans": len(cases), "lesion_scans": int(scan_y.sum()), "slices": int(slice_y.size),
                    "lesion_slices": int(slice_y.sum()), "brain_tokens": int(token_y.size),
                    "lesion_tokens": int(token_y.sum()), "min_lesion_px": int(min_lesion_px)},
-        "aggregation": {"fg_min": agg.fg_min, "token_topk": agg.token_topk, "slice_topm": agg.slice_topm},
+        "aggregation": {"fg_min": agg.fg_min, "token_topk": agg.token_topk, "slice_topm": agg.slice_topm,
+                        "position_norm": agg.position_norm, "axial_sigma": agg.axial_sigma},
     }
 
 
@@ -128,7 +152,8 @@ def format_table(table: dict, title: str = "") -> str:
 
 def load_cases(run: str | Path, data: str | Path, modality: str = "t2", max_cases: int | None = None,
                slice_stride: int = 1, comparisons: bool = True, progress: bool = True) -> list[EvalCase]:
-    """The labelled cases under `data` as EvalCases, tokenised by the run's best VQ-VAE (PyTorch); with
+    """The labelled cases under `data` as EvalCases, tokenised by the run's best VQ-VAE (PyTorch), with the
+    tokens of their left-right mirror images (the `mirror` score); with
     `comparisons`, also the ATD's probabilities of the input tokens ("atd") and the restoration anomaly maps
     ("map", with the run's calibrated lambda when calibrated). Every `slice_stride`-th slice of each volume
     (restoration is the cost); cases without a label volume are skipped (a healthy scan needs an all-zero
@@ -157,7 +182,8 @@ def load_cases(run: str | Path, data: str | Path, modality: str = "t2", max_case
         x = s.images[rows, None].astype(np.float32)                              # [S, 1, H, W]
         tokens = encode_slices(vqvae, x[:, 0], 64)                               # [S, N] int32
         c = EvalCase(name=case.name, tokens=tokens, fg=brain_share(s.brain[rows]), labels=s.labels[rows],
-                     brain=s.brain[rows], index=s.index[rows])
+                     brain=s.brain[rows], index=s.index[rows],
+                     mirror_tokens=encode_slices(vqvae, mirror_slices(x[:, 0]), 64))
         if comparisons:
             with torch.no_grad():
                 c.token_scores["atd"] = np.concatenate([engine.get(engine.detect(engine.put(tokens[j:j + 256])))

@@ -13,9 +13,11 @@
 4. Code-conditional Mahalanobis on the observed codes, shrunk toward the global mean (tau).
 5. KNN bank: the pooled feature of every training slice, with its axial position bin.
 6. Atlas: each token score's healthy mean and spread per (axial position bin, grid position) over the brain
-   tokens of all training slices (mimood.ood.atlas), from a second pass over the features.
+   tokens of all training slices (mimood.ood.atlas), from a second pass over the features. `mirror` has none:
+   its reference is the other hemisphere (mimood.ood.mirror).
 7. Reference: every scan score of each validation volume (never fitted on), so a new scan's score can be
-   reported as a z-score or percentile of healthy scans.
+   reported as a z-score or percentile of healthy scans; `mirror` uses the validation slices' mirror images,
+   encoded by the run's VQ-VAE.
 
 All statistics are computed in float64 by mimood.ood.scores; the only randomness (subsample, synthetic
 anomalies) is seeded, so a fit is deterministic.
@@ -41,7 +43,8 @@ from mimood.models.checkpoint import load_model
 from mimood.models.masks import atd_masks, corrupt
 from mimood.ood.features import PASSES, FeatureGraph, head_weights, mvtm_features
 from mimood.ood.atlas import AtlasFit, position_bins
-from mimood.ood.scan import (OOD_FILE, SLICE_SCORES, TOKEN_SCORES, Aggregation, OODScorer, brain_tokens,
+from mimood.ood.mirror import mirror_slices
+from mimood.ood.scan import (NORMALISED, OOD_FILE, SLICE_SCORES, Aggregation, OODScorer, brain_tokens,
                              pooled_features)
 from mimood.ood.scores import fit_knn, fit_mahalanobis, fit_vim, stats_to_tensors, vim_score
 
@@ -53,7 +56,7 @@ class OODFitConfig:
     dim_shares: tuple[float, ...] = (0.25, 0.5, 0.75)   # ViM D candidates, as shares of the width d
     tau: float = 50.0                           # Mahalanobis shrinkage of rare codes' means
     knn_k: int = 5                              # KNN: distance to the k-th nearest training slice
-    scan_score: str = "nll"                     # the scan OOD score (best on BraTS and demo: benchmarks/results/ood.md)
+    scan_score: str = "mirror"                  # the scan OOD score (best on held-out BraTS: benchmarks/results/ood.md)
     seed: int = 0
     aggregation: Aggregation = field(default_factory=Aggregation)
     batch: int = 128                            # slices per MVTM batch
@@ -113,6 +116,21 @@ def _synthetic_anomalies(val: np.ndarray, num_codes: int, cfg: RunConfig, seed: 
     corrupted, changed = corrupt(torch.from_numpy(val.astype(np.int64)), masks, num_codes,
                                  torch.Generator().manual_seed(seed))
     return corrupted.numpy(), changed.numpy().astype(bool)
+
+
+def _mirror_val_tokens(run: Path, n: int, batch: int) -> np.ndarray:
+    """Tokens [M, N] of the left-right mirrored validation slices, encoded by the run's best VQ-VAE."""
+    from mimood.eval.calibrate import encode_slices
+    path = run / "data" / "val_slices.npz"
+    if not path.exists():
+        raise InputError(path, "slice cache not found")
+    with np.load(path) as z:
+        images = z["images"]
+    if len(images) != n:
+        raise InputError(path, f"{len(images)} validation slices but {n} token rows")
+    vqvae, _ = load_model(run / "vqvae" / "best.safetensors")
+    with torch.no_grad():
+        return encode_slices(vqvae.eval(), mirror_slices(images.astype(np.float32)), batch)
 
 
 def check_mvtm_hash(path: Path, expected: str) -> None:
@@ -193,7 +211,7 @@ def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | 
     scorer = OODScorer(vim=vim, mahalanobis=maha, knn=knn, atlas={}, W=W, b=b, meta={})
 
     # 6: the healthy position atlas of every token score (second pass over the training features)
-    fits = {name: AtlasFit(train.shape[1]) for name in TOKEN_SCORES}
+    fits = {name: AtlasFit(train.shape[1]) for name in NORMALISED}
     for i in tqdm(range(0, len(train), cfg.batch), desc="OOD atlas", unit="batch", disable=not progress):
         sl = slice(i, i + cfg.batch)
         scores = scorer.token_scores(mvtm_features(graph, train[sl], cfg.batch), train[sl])
@@ -212,10 +230,12 @@ def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | 
 
     # 7: healthy reference scan scores of the validation volumes
     h_val = mvtm_features(graph, val, cfg.batch)
+    h_val_mirror = mvtm_features(graph, _mirror_val_tokens(run, len(val), cfg.batch), cfg.batch)
     ref = {name: [] for name in SLICE_SCORES}
     for c in np.unique(val_case):
         rows = val_case == c
-        res = scorer.scores_from_features(h_val[rows], val[rows], fg_val[rows], index=val_index[rows])
+        res = scorer.scores_from_features(h_val[rows], val[rows], fg_val[rows], index=val_index[rows],
+                                          h_mirror=h_val_mirror[rows])
         for name in SLICE_SCORES:
             ref[name].append(res.scan[name])
     meta["reference"] = ref

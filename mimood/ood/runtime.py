@@ -8,10 +8,11 @@ and records them in manifest.extra["ood"] (files, hashes, graph I/O, the chosen 
 healthy reference) and the chosen score's name in manifest.scan_score.
 
 Features run in onnxruntime whatever backend restores the slices (TensorRT, torch, onnxruntime), so the OOD
-score of a scan is the same number on every backend. Tokens come from the restoring engine's own encoder.
+score of a scan is the same number on every backend. Tokens come from the restoring engine's own encoder, and so
+do the tokens of the left-right mirrored slices that the `mirror` score needs (one more encode per batch).
 
     ood = OODRuntime.open(folder, manifest.extra["ood"])
-    parts = ood.parts(tokens, images)           # per batch: [n, N] int32 tokens, [n, H, W] slices
+    parts = ood.parts(tokens, images, mirror_tokens)   # per batch: [n, N] int32 tokens, [n, H, W] slices
     report = ood.score(SliceParts.cat(...))     # per scan: {"score", "value", "z", "percentile", ...}
 """
 from __future__ import annotations
@@ -63,9 +64,12 @@ class OODRuntime:
             out.append(self.session.run(None, {"tokens": feed})[0][:len(chunk)])
         return np.concatenate(out)
 
-    def parts(self, tokens: np.ndarray, images: np.ndarray) -> SliceParts:
-        """Per-slice parts of the score for slices images [S, H, W] (background 0) with tokens [S, N]."""
-        return self.scorer.parts(self.features(tokens), tokens, brain_share(np.asarray(images) > 0))
+    def parts(self, tokens: np.ndarray, images: np.ndarray, mirror_tokens: np.ndarray | None = None) -> SliceParts:
+        """Per-slice parts of the score for slices images [S, H, W] (background 0) with tokens [S, N], and the
+        tokens [S, N] of the mirrored slices (mimood.ood.mirror.mirror_slices) for `mirror`."""
+        h_mirror = None if mirror_tokens is None else self.features(mirror_tokens)
+        return self.scorer.parts(self.features(tokens), tokens, brain_share(np.asarray(images) > 0),
+                                 h_mirror=h_mirror)
 
     def score(self, parts: SliceParts) -> dict:
         """The chosen scan score of ONE scan's parts (in slice order), with its place among the healthy

@@ -2,16 +2,21 @@
 
 Every score is "higher = more anomalous". Per token (all 400 positions; only brain tokens are aggregated):
     vim, residual, mahalanobis       from the MVTM features h (mimood.ood.features)
+    mirror                           || h(x) - h(mirrored x) || per token, 5 x 5 token mean (mimood.ood.mirror):
+                                     the other hemisphere as the healthy reference; needs the features of the
+                                     left-right mirrored slices (h_mirror), and is left out without them
     energy, max_logit, nll           from the logits head(h) (nll uses the observed code)
     vim_nll                          -log p~(z) under the softmax over [logits, alpha * residual] (ViM's
                                      virtual logit appended as a 257th class): nll + softplus(vim), so it
                                      needs both an unexpected code and an unusual feature to be high
-Per slice: each token score is first normalised by the healthy atlas of its position (mimood.ood.atlas: z-score
-against healthy tokens at the same axial position bin and grid position), then aggregated as the top-k mean over
-the slice's brain tokens (k a share of them, default 2%: the max is noisy, the mean dilutes small lesions);
+Per slice: each token score but `mirror` (self-referenced) is first normalised by the healthy atlas of its
+position (mimood.ood.atlas: z-score against healthy tokens at the same axial position bin and grid position), then
+aggregated as the top-k mean over the slice's brain tokens (k a share of them, default 2%: the max is noisy, the
+mean dilutes small lesions);
 `knn` is the distance of the slice's pooled feature (mean h over brain tokens, L2-normalised) to its k-th
-nearest healthy training slice (with position_norm: among those within one axial bin of it). Per scan: the
-top-m mean of the slice scores (default m = 3).
+nearest healthy training slice (with position_norm: among those within one axial bin of it). The slice scores
+of a scan are then smoothed along the axial axis (Gaussian, `axial_sigma` slices of 1 mm; lesions span several
+slices, healthy outliers are mostly single slices). Per scan: the top-m mean of the slice scores (m = 3).
 
 A brain token is one with at least `fg_min` (default 1: all) of its 8 x 8 pixels inside the brain; a slice with
 no such token uses its tokens with any brain (the preprocessing keeps only slices with >= 2% brain).
@@ -34,12 +39,14 @@ from mimood.config import GRID
 from mimood.errors import InputError
 from mimood.eval.metrics import topk_mean
 from mimood.ood.atlas import Atlas, position_bins
+from mimood.ood.mirror import mirror_score
 from mimood.ood.scores import (KNNStats, MahalanobisStats, ViMStats, energy_score, knn_score,
                                mahalanobis_score, max_logit_score, nll_score, residual_score,
                                stats_from_tensors, vim_score)
 
 OOD_FILE = "ood.safetensors"
-TOKEN_SCORES = ("vim", "vim_nll", "residual", "mahalanobis", "energy", "max_logit", "nll")
+NORMALISED = ("vim", "vim_nll", "residual", "mahalanobis", "energy", "max_logit", "nll")   # atlas z-scored
+TOKEN_SCORES = NORMALISED + ("mirror",)
 SLICE_SCORES = TOKEN_SCORES + ("knn",)
 
 
@@ -51,6 +58,8 @@ class Aggregation:
     token_topk: float | int = 0.02    # slice = top-k mean over brain tokens (float: share, int: count)
     slice_topm: int = 3               # scan = top-m mean over slices
     position_norm: bool = True        # z-score token scores against the healthy atlas (mimood.ood.atlas)
+    axial_sigma: float = 2.0          # Gaussian smoothing of a scan's slice scores along the axial axis, in
+                                      # slices (1 mm); 0 = none (benchmarks/results/ood.md, axial smoothing)
 
 
 def brain_share(brain: np.ndarray, grid: int = GRID) -> np.ndarray:
@@ -86,6 +95,17 @@ def slice_aggregate(scores: np.ndarray, mask: np.ndarray, k: float | int) -> np.
 def scan_aggregate(slice_scores: np.ndarray, m: int) -> float:
     """Top-m mean of a scan's slice scores [S]."""
     return topk_mean(slice_scores, int(m))
+
+
+def axial_smooth(scores: np.ndarray, index: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of ONE scan's slice scores [S] along the axial axis, weighted by the distance between
+    the slices' indices [S] (so gaps and slice strides are honoured); sigma in index units, 0 = unchanged."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if sigma <= 0 or scores.size < 2:
+        return scores
+    index = np.asarray(index, dtype=np.float64)
+    w = np.exp(-0.5 * ((index[:, None] - index[None, :]) / sigma) ** 2)    # [S, S]
+    return (w @ scores) / w.sum(axis=1)
 
 
 def pooled_features(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -127,7 +147,7 @@ class OODScorer:
     vim: ViMStats
     mahalanobis: MahalanobisStats
     knn: KNNStats
-    atlas: dict[str, Atlas]           # token score name -> healthy position atlas
+    atlas: dict[str, Atlas]           # NORMALISED token score name -> healthy position atlas
     W: np.ndarray                     # [K, d] float64 vocabulary head
     b: np.ndarray                     # [K] float64
     meta: dict                        # pass_type, aggregation, scan_score, reference, fit details
@@ -161,7 +181,7 @@ class OODScorer:
             raise InputError(file, f"not an OOD statistics file ({e})") from None
         W, b = tensors.pop("head/W"), tensors.pop("head/b")
         atlas = {name: Atlas(mean=tensors.pop(f"atlas/{name}/mean"), std=tensors.pop(f"atlas/{name}/std"))
-                 for name in TOKEN_SCORES}
+                 for name in NORMALISED}
         stats = stats_from_tensors(tensors)
         mvtm = Path(mvtm) if mvtm is not None else file.parent / "mvtm" / "best.safetensors"
         return cls(vim=stats["vim"], mahalanobis=stats["mahalanobis"], knn=stats["knn"], atlas=atlas, W=W, b=b,
@@ -185,14 +205,14 @@ class OODScorer:
 
     # -- scores -----------------------------------------------------------------------------------------------
     def token_scores(self, h: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """Every raw token score (no position normalisation): h [S, N, d], tokens [S, N] -> {name: [S, N]
-        float64}."""
+        """Every raw token score of one pass (NORMALISED: all but `mirror`, no position normalisation):
+        h [S, N, d], tokens [S, N] -> {name: [S, N] float64}."""
         h = np.asarray(h)
         tokens = np.asarray(tokens).astype(np.int64)
         if h.ndim != 3 or h.shape[:2] != tokens.shape or h.shape[2] != self.W.shape[1]:
             raise ValueError(f"h {h.shape} must be [S, N, {self.W.shape[1]}] matching tokens {tokens.shape}")
         S, N, d = h.shape
-        out = {name: np.empty((S, N)) for name in TOKEN_SCORES}
+        out = {name: np.empty((S, N)) for name in NORMALISED}
         step = max(1, 16384 // N)                                           # slices per float64 chunk
         for i in range(0, S, step):
             hs = h[i:i + step].reshape(-1, d).astype(np.float64)           # [c, d]
@@ -210,13 +230,17 @@ class OODScorer:
             out["nll"][i:i + n] = nll.reshape(n, N)
         return out
 
-    def parts(self, h: np.ndarray, tokens: np.ndarray, fg: np.ndarray, fg_min: float | None = None) -> SliceParts:
+    def parts(self, h: np.ndarray, tokens: np.ndarray, fg: np.ndarray, fg_min: float | None = None,
+              h_mirror: np.ndarray | None = None) -> SliceParts:
         """The per-slice half of the scoring, for slices of any scans (e.g. one fixed-size runtime batch):
         raw token scores and the pooled brain feature of each slice. h [S, N, d], tokens [S, N], fg [S, N];
-        fg_min (default: the fitted one) defines the brain tokens pooled for KNN."""
+        fg_min (default: the fitted one) defines the brain tokens (pooled for KNN, averaged by `mirror`);
+        h_mirror [S, N, d], the features of the left-right mirrored slices' own tokens, adds `mirror`."""
         mask = brain_tokens(fg, self.agg.fg_min if fg_min is None else fg_min)
-        return SliceParts(token=self.token_scores(h, tokens), pooled=pooled_features(h, mask),
-                          fg=np.asarray(fg, dtype=np.float32))
+        token = self.token_scores(h, tokens)
+        if h_mirror is not None:
+            token["mirror"] = mirror_score(h, h_mirror, mask)
+        return SliceParts(token=token, pooled=pooled_features(h, mask), fg=np.asarray(fg, dtype=np.float32))
 
     def combine(self, parts: SliceParts, agg: Aggregation | None = None,
                 index: np.ndarray | None = None) -> OODResult:
@@ -226,25 +250,31 @@ class OODScorer:
         agg = agg or self.agg
         mask = brain_tokens(parts.fg, agg.fg_min)
         token = dict(parts.token)
-        bins = position_bins(np.arange(len(mask)) if index is None else index)
+        index = np.arange(len(mask)) if index is None else np.asarray(index)
+        bins = position_bins(index)
         if agg.position_norm:
-            token = {name: self.atlas[name].normalise(s, bins) for name, s in token.items()}
+            token = {name: self.atlas[name].normalise(s, bins) if name in NORMALISED else s
+                     for name, s in token.items()}
         slices = {name: slice_aggregate(s, mask, agg.token_topk) for name, s in token.items()}
         slices["knn"] = knn_score(parts.pooled, self.knn, bins=bins if agg.position_norm else None)
+        slices = {name: axial_smooth(s, index, agg.axial_sigma) for name, s in slices.items()}
         scan = {name: scan_aggregate(s, agg.slice_topm) for name, s in slices.items()}
         return OODResult(token=token, slice=slices, scan=scan, brain=mask)
 
     def scores_from_features(self, h: np.ndarray, tokens: np.ndarray, fg: np.ndarray,
-                             agg: Aggregation | None = None, index: np.ndarray | None = None) -> OODResult:
+                             agg: Aggregation | None = None, index: np.ndarray | None = None,
+                             h_mirror: np.ndarray | None = None) -> OODResult:
         """Token, slice and scan scores of ONE scan from its features h [S, N, d], tokens [S, N] and the brain
-        share per token fg [S, N] (brain_share of the slices' brain masks): `parts`
-        then `combine`."""
+        share per token fg [S, N] (brain_share of the slices' brain masks), plus `mirror` with the features of
+        the mirrored slices h_mirror [S, N, d]: `parts` then `combine`."""
         agg = agg or self.agg
-        return self.combine(self.parts(h, tokens, fg, agg.fg_min), agg, index)
+        return self.combine(self.parts(h, tokens, fg, agg.fg_min, h_mirror), agg, index)
 
-    def score(self, tokens: np.ndarray, fg: np.ndarray) -> OODResult:
-        """`scores_from_features` with h computed by the run's MVTM (PyTorch)."""
-        return self.scores_from_features(self.features(tokens), tokens, fg)
+    def score(self, tokens: np.ndarray, fg: np.ndarray, mirror_tokens: np.ndarray | None = None) -> OODResult:
+        """`scores_from_features` with h (and h_mirror of `mirror_tokens`, the tokens of the mirrored slices)
+        computed by the run's MVTM (PyTorch)."""
+        h_mirror = None if mirror_tokens is None else self.features(mirror_tokens)
+        return self.scores_from_features(self.features(tokens), tokens, fg, h_mirror=h_mirror)
 
     # -- reporting --------------------------------------------------------------------------------------------
     def report(self, result: OODResult, name: str | None = None) -> dict:

@@ -9,8 +9,8 @@ so a folder of small scans wastes no padding, and memory holds only the scans wh
 (at most one batch's worth of scans plus the one being read). A scan's outputs are written as soon as its
 last slice is restored.
 
-Scan score: with an export that has OOD statistics (manifest.extra["ood"]), each batch's slices are also encoded
-by the engine and their MVTM features computed in onnxruntime from the export's feature graph
+Scan score: with an export that has OOD statistics (manifest.extra["ood"]), each batch's input tokens and the
+engine's encoding of its left-right mirrored slices (the `mirror` score) go through the MVTM features computed in onnxruntime from the export's feature graph
 (mimood.ood.runtime, the same on every backend); report.csv's scan_score is then the chosen OOD score, and
 map_score the anomaly-map score (`outputs`). provenance.json records each scan's OOD score against the healthy
 reference scans of the fit (z, percentile).
@@ -42,6 +42,7 @@ from mimood.data.discover import Case, discover
 from mimood.data.preprocess import Slices, preprocess
 from mimood.errors import InputError
 from mimood.export.manifest import current_versions
+from mimood.ood.mirror import mirror_slices
 from mimood.ood.runtime import OODRuntime
 from mimood.ood.scan import SliceParts
 from mimood.runtime.batching import Batch, Packer, infer_slices, restore_batch
@@ -221,7 +222,8 @@ def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, bac
         restored = restore_batch(engine, batch, cfg, seed)
         maps = restored.maps[:n]                                             # [n, H, W]
         if ood is not None:                                                  # OOD parts of the filled rows
-            parts = ood.parts(restored.input_tokens[:n], batch.images[:n])  # tokens [n, N] int32
+            mirrored = engine.get(engine.encode(engine.put(mirror_slices(batch.images)[:, None])))  # [B, N]
+            parts = ood.parts(restored.input_tokens[:n], batch.images[:n], mirrored[:n])
             for k in {k for k, _ in batch.rows}:
                 rows_k = np.array([j for j, (kk, _) in enumerate(batch.rows) if kk == k])
                 pending[k].ood.append((np.array([batch.rows[j][1] for j in rows_k]), parts.take(rows_k)))
