@@ -8,7 +8,8 @@ from mimood.config import preset
 from mimood.eval.calibrate import encode_slices
 from mimood.models.checkpoint import build_model
 from mimood.ood.features import FeatureGraph, mvtm_features
-from mimood.ood.mirror import mirror_distance, mirror_score, mirror_slices, neighbourhood_mean
+from mimood.ood.mirror import (mirror_distance, mirror_index, mirror_score, mirror_slices, neighbourhood_mean,
+                               paired_tokens)
 from mimood.ood.scan import axial_smooth, brain_share, brain_tokens
 
 
@@ -43,6 +44,23 @@ def test_neighbourhood_mean_hand_case():
     assert out[0, 8] == pytest.approx((5 + 7 + 8) / 3)
     # no masked token in reach: the token keeps its own value
     np.testing.assert_allclose(neighbourhood_mean(s, np.zeros((1, 9), bool), size=3), s)
+
+
+def test_paired_tokens_and_the_outline():
+    np.testing.assert_array_equal(mirror_index(9), [2, 1, 0, 5, 4, 3, 8, 7, 6])
+    with pytest.raises(ValueError, match="square"):
+        mirror_index(10)
+    # brain in the left two columns of a 3 x 3 grid: only the middle column is paired with brain
+    mask = np.array([[1, 1, 0, 1, 1, 0, 1, 1, 0]], bool)
+    np.testing.assert_array_equal(paired_tokens(mask), [[0, 1, 0, 0, 1, 0, 0, 1, 0]])
+    # a large distance at an unpaired token (its mirror place is background) does not reach the score
+    h, hm = np.zeros((1, 9, 2)), np.zeros((1, 9, 2))
+    hm[0, 0] = [30.0, 40.0]                                        # token 0: mirror place 2 is background
+    hm[0, 4] = [3.0, 4.0]                                          # token 4 (centre): paired, distance 5
+    score = mirror_score(h, hm, mask)
+    assert score.max() <= 5.0 and score[0, 4] == pytest.approx(5.0 / 3)   # centre: mean of the 3 paired tokens
+    # no paired token in reach: 0
+    np.testing.assert_array_equal(mirror_score(h, hm, np.eye(1, 9, 0, dtype=bool)), np.zeros((1, 9)))
 
 
 def test_axial_smooth_hand_case():

@@ -3,7 +3,8 @@ slice's left-right mirror image, i.e. from the other hemisphere seen the same wa
 
     x~ = x[..., ::-1]                         the slice mirrored about the window's centre column
     m_i = || h(x)_i - h(x~)_i ||_2            h = the MVTM features (mimood.ood.features) of each slice's own tokens
-    mirror_i = mean of m over the brain tokens in the 5 x 5 token neighbourhood of i (40 x 40 px)
+    mirror_i = mean of m over the paired tokens in the 5 x 5 token neighbourhood of i (40 x 40 px), a paired
+               token being a brain token whose mirror place is a brain token too; 0 where none is in reach
 
 Why a self-referenced score (benchmarks/results/ood.md, "contralateral score"): every healthy reference the fit
 can use is a few healthy scans, and the MOODv2 scores compared with them follow anatomy more than lesions (BraTS
@@ -11,6 +12,10 @@ slice AUROC 0.60-0.85, nearly the same as "how central is this slice"). The othe
 is a healthy reference of the same subject, scanner and level; a unilateral lesion, and the mass effect around
 it, differs from it, while anatomy that is odd on both sides (the top and bottom of the brain) cancels.
 Hemispheric asymmetry is a classic cue in brain imaging for the same reason.
+
+Only paired tokens count: where the brain's outline is not symmetric (skull stripping, a cut top slice), a brain
+token's mirror place can be background, and its distance measures the outline, not the tissue (on the worst
+BraTS case, tcia01_425_1, the healthy top slices outscored every tumour slice before this rule).
 
 Assumptions, and what breaks them:
 - the midline is the window's centre column: preprocessing centres the window on the brain's bounding box
@@ -47,9 +52,25 @@ def mirror_distance(h: np.ndarray, h_mirror: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("snd,snd->sn", diff, diff))
 
 
-def neighbourhood_mean(scores: np.ndarray, mask: np.ndarray, size: int = NEIGHBOURHOOD) -> np.ndarray:
+def mirror_index(n_tokens: int) -> np.ndarray:
+    """[N] index of each token's mirror place on the square token grid (same row, column g-1-c)."""
+    g = int(round(n_tokens ** 0.5))
+    if g * g != n_tokens:
+        raise ValueError(f"{n_tokens} tokens are not a square grid")
+    r, c = np.divmod(np.arange(n_tokens), g)
+    return r * g + (g - 1 - c)
+
+
+def paired_tokens(mask: np.ndarray) -> np.ndarray:
+    """[S, N] bool: brain tokens (mask [S, N]) whose mirror place is a brain token too."""
+    mask = np.asarray(mask, dtype=bool)
+    return mask & mask[:, mirror_index(mask.shape[1])]
+
+
+def neighbourhood_mean(scores: np.ndarray, mask: np.ndarray, size: int = NEIGHBOURHOOD,
+                       empty: float | None = None) -> np.ndarray:
     """Mean of scores [S, N] over the masked tokens of each token's size x size neighbourhood on the square token
-    grid ([S, N] float64; tokens with no masked neighbour keep their own score)."""
+    grid ([S, N] float64); a token with no masked token in reach gets `empty` (None: keeps its own score)."""
     scores, mask = np.asarray(scores, dtype=np.float64), np.asarray(mask, dtype=bool)
     S, N = scores.shape
     g = int(round(N ** 0.5))
@@ -58,11 +79,12 @@ def neighbourhood_mean(scores: np.ndarray, mask: np.ndarray, size: int = NEIGHBO
     w = mask.reshape(S, g, g).astype(np.float64)
     num = uniform_filter(scores.reshape(S, g, g) * w, size=(1, size, size), mode="constant")
     den = uniform_filter(w, size=(1, size, size), mode="constant")
-    out = np.where(den > 1e-9, num / np.maximum(den, 1e-12), scores.reshape(S, g, g))
+    fill = scores.reshape(S, g, g) if empty is None else np.full((S, g, g), float(empty))
+    out = np.where(den > 1e-9, num / np.maximum(den, 1e-12), fill)
     return out.reshape(S, N)
 
 
 def mirror_score(h: np.ndarray, h_mirror: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The token score `mirror` [S, N] (module docstring) from features h, h_mirror [S, N, d] and the brain
     tokens mask [S, N]."""
-    return neighbourhood_mean(mirror_distance(h, h_mirror), mask)
+    return neighbourhood_mean(mirror_distance(h, h_mirror), paired_tokens(mask), empty=0.0)
