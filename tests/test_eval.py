@@ -224,6 +224,17 @@ def test_cli_adds_the_thresholds_a_calibration_lacks(tiny, tmp_path):
     assert set(load_calibration(run)["methods"]) >= {"mimood", "intensity"}
 
 
+def test_calibrate_only_the_methods_asked_for_on_a_run_without_the_ar_baseline(tiny, tmp_path):
+    """A run trained without `mimood-train ar` has no AR baseline: calibrating must not need it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny[0], run, ignore=lambda d, names: ["ar", "critic", "calibration.json"])
+    assert "ar" not in available_methods(run) and "mimood" in available_methods(run)
+    r = CliRunner().invoke(main, ["--run", str(run), "--calibrate", "--methods", "mimood", "--slice-stride", "4",
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert set(load_calibration(run)["methods"]) == {"mimood"}
+
+
 def test_cli_adds_the_scan_level_ood_table_when_the_run_has_ood_statistics(tiny, tmp_path):
     run, test = tiny
     fit_ood(run, OODFitConfig(), out=tmp_path / "ood.safetensors", progress=False)
@@ -236,7 +247,7 @@ def test_cli_adds_the_scan_level_ood_table_when_the_run_has_ood_statistics(tiny,
         (run / "ood.safetensors").unlink()
     assert r.exit_code == 0, r.output
     j = json.loads(out.read_text())
-    scores = {"vim", "residual", "mahalanobis", "knn", "energy", "max_logit", "nll", "atd", "map"}
+    scores = {"vim", "residual", "mahalanobis", "knn", "energy", "max_logit", "nll", "mirror", "atd", "map"}
     assert set(j["scan"]) >= scores and set(j["slice"]) >= scores
     for level in ("scan", "slice"):
         for v in j[level].values():                               # 2 lesion scans and 1 healthy: all defined

@@ -93,9 +93,10 @@ def main(run, data, modality, json_path, png_dir, R, T, lam, seed, methods, max_
         elif not recalibrate:        # e.g. mimood-demo calibrates MIM-OOD only: add the baselines' thresholds
             click.echo(f"{run / CALIBRATION} has no thresholds for {', '.join(uncalibrated)}: recalibrating",
                        err=True)
-        # every method the run has, with the run's own loop settings (-R/-T/--lam/--seed are evaluation options);
+        # the --methods given (default: every method the run has), with the run's own loop settings
+        # (-R/-T/--lam/--seed are evaluation options);
         # --slice-stride also thins the hold-out slices restored for the voxel thresholds
-        cal = calibrate(run, run_cfg, None, lam_percentile=None if paper_lam else lam_percentile,
+        cal = calibrate(run, run_cfg, methods, lam_percentile=None if paper_lam else lam_percentile,
                         voxel_percentile=voxel_percentile, slice_stride=slice_stride, progress=not quiet)
         click.echo(f"wrote {run / CALIBRATION}: " + ", ".join(
             f"{m} lam={v['lam']:.4g} thr={v['threshold']:.4g}" if "lam" in v else f"{m} thr={v['threshold']:.4g}"

@@ -77,9 +77,9 @@ class IntensityMethod:
 
 
 def available_methods(run: str | Path) -> tuple[str, ...]:
-    """Every method the run can evaluate: token_critic only once `<run>/critic/` has been trained."""
-    has_critic = (Path(run) / CRITIC / "best.safetensors").exists()
-    return tuple(m for m in METHODS if m != "token_critic" or has_critic)
+    """Every method the run can evaluate: those whose checkpoints it has (the AR baseline only after
+    `mimood-train ar`, token_critic only once `<run>/critic/` has been trained)."""
+    return tuple(m for m in METHODS if all((Path(run) / k / "best.safetensors").exists() for k in MODELS[m]))
 
 
 def load_models(run: Path, names) -> dict:
