@@ -183,6 +183,8 @@ def test_fit_writes_loadable_statistics(run):
     assert scorer.summary()["scan_score"] == "mirror" and scorer.summary()["reference"]["n"] == 2
     # without the mirrored tokens the other scores are still there
     assert "mirror" not in scorer.score(z["val"][:6], z["fg_val"][:6]).scan
+    with pytest.raises(ValueError, match="mirrored slices"):
+        scorer.report(scorer.score(z["val"][:6], z["fg_val"][:6]))
     assert scorer.report(scorer.score(z["val"][:6], z["fg_val"][:6]), "nll")["value"] == pytest.approx(
         meta["reference"]["nll"][0])
 

@@ -283,6 +283,9 @@ class OODScorer:
         scan scores (None with fewer than 2 or zero spread); percentile is the share of reference scans with a
         lower or equal score, in percent."""
         name = name or self.scan_score_name
+        if name not in result.scan:
+            raise ValueError(f"the scan score {name!r} was not computed"
+                             + (" (it needs the features of the mirrored slices)" if name == "mirror" else ""))
         value = float(result.scan[name])
         ref = np.asarray(self.meta["reference"][name], dtype=np.float64)
         std = float(ref.std(ddof=1)) if ref.size >= 2 else 0.0
