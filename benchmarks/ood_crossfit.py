@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_table import cached_cases, confounds  # noqa: E402
 
 from mimood.eval.metrics import json_ready  # noqa: E402
-from mimood.ood.evaluate import evaluate_folds, format_table  # noqa: E402
+from mimood.ood.evaluate import case_parts, evaluate_folds, format_table  # noqa: E402
 from mimood.ood.fit import OODFitConfig, fit_ood  # noqa: E402
 from mimood.ood.scan import OODScorer  # noqa: E402
 
@@ -66,8 +66,7 @@ def main() -> None:
             fit_ood(run, OODFitConfig(), out=stats)
         scorer = OODScorer.load(stats, mvtm=run / "mvtm" / "best.safetensors")
         cases = cached_cases(run, work, data.name, data, args.slice_stride, args.modality, not args.no_comparisons)
-        cases = [replace(c, parts=scorer.parts(scorer.features(c.tokens), c.tokens, c.fg,
-                                               h_mirror=scorer.features(c.mirror_tokens))) for c in cases]
+        cases = [replace(c, parts=case_parts(c, scorer)) for c in cases]   # features and token scores once
         folds.append((scorer, cases))
         table = evaluate_folds([(scorer, cases)])
         print(format_table(table, f"\n== fold {i + 1}: {run} on {data} ({time.time() - t0:.0f} s) {table['counts']}"),
@@ -80,7 +79,8 @@ def main() -> None:
     print(format_table(pooled, f"\n== pooled over {len(folds)} folds {pooled['counts']}"))
     conf = confounds([c for _, cases in folds for c in cases])
     print("lesion-blind confounds (slice AUROC):", ", ".join(f"{k} {v:.3f}" for k, v in conf.items()))
-    result.update(pooled=pooled, confounds=conf, sweep_slice_auroc=sweep(folds, agg), scan_score=folds[0][0].scan_score_name)
+    result.update(pooled=pooled, confounds=conf, sweep_slice_auroc=sweep(folds, agg),
+                  scan_score=folds[0][0].scan_score_name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(json_ready(result), indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -29,7 +29,7 @@ import numpy as np
 
 from mimood.eval.metrics import detection_metrics
 from mimood.eval.metrics import json_ready
-from mimood.ood.evaluate import EvalCase, evaluate_ood, format_table, load_cases
+from mimood.ood.evaluate import EvalCase, case_parts, evaluate_ood, format_table, load_cases
 from mimood.ood.features import PASSES
 from mimood.ood.fit import OODFitConfig, fit_ood
 from mimood.ood.scan import Aggregation, OODScorer
@@ -115,9 +115,7 @@ def main() -> None:
                   f"(sweep {meta['fit']['dim_sweep_auroc']}), {time.time() - t0:.0f} s", flush=True)
             for name, cases in sets.items():
                 t0 = time.time()
-                cases = [replace(c, parts=scorer.parts(scorer.features(c.tokens), c.tokens, c.fg,
-                                                       h_mirror=scorer.features(c.mirror_tokens)))
-                         for c in cases]                                    # features and token scores once
+                cases = [replace(c, parts=case_parts(c, scorer)) for c in cases]   # features and token scores once
                 table = evaluate_ood(cases, scorer)
                 print(format_table(table, f"\n== {name}, {key} ({time.time() - t0:.0f} s) {table['counts']}"),
                       flush=True)

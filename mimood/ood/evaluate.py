@@ -59,6 +59,16 @@ def _map_slice_scores(maps: np.ndarray, brain: np.ndarray, k: float | int) -> np
     return np.array([topk_mean(m[b], k) if b.any() else 0.0 for m, b in zip(maps, brain)])
 
 
+def case_parts(case: EvalCase, scorer: OODScorer, fg_min: float | None = None) -> SliceParts:
+    """The scorer's per-slice parts of one case (OODScorer.parts), with the MVTM features of its tokens and of its
+    mirror tokens computed unless the case holds them; compute once, then evaluate many aggregations."""
+    h = scorer.features(case.tokens) if case.h is None else case.h
+    h_mirror = case.h_mirror
+    if h_mirror is None and case.mirror_tokens is not None:
+        h_mirror = scorer.features(case.mirror_tokens)
+    return scorer.parts(h, case.tokens, case.fg, fg_min, h_mirror)
+
+
 def evaluate_folds(folds: list[tuple[OODScorer, list[EvalCase]]], agg: Aggregation | None = None,
                    min_lesion_px: int = 1) -> dict:
     """The OOD table over the cases of every fold, each case scored by its fold's scorer (cross-fitting: the
@@ -84,14 +94,8 @@ def evaluate_ood(cases: list[EvalCase], scorer: OODScorer | list[OODScorer], agg
     for case, scorer in zip(cases, scorers):
         S = len(case.tokens)
         index = np.arange(S) if case.index is None else np.asarray(case.index)
-        if case.parts is not None:
-            res = scorer.combine(case.parts, agg, index)
-        else:
-            h = scorer.features(case.tokens) if case.h is None else case.h
-            h_mirror = case.h_mirror
-            if h_mirror is None and case.mirror_tokens is not None:
-                h_mirror = scorer.features(case.mirror_tokens)
-            res = scorer.scores_from_features(h, case.tokens, case.fg, agg, index, h_mirror)
+        parts = case.parts if case.parts is not None else case_parts(case, scorer, agg.fg_min)
+        res = scorer.combine(parts, agg, index)
         token, slices, mask = dict(res.token), dict(res.slice), res.brain    # mask [S, N] brain tokens
         clash = (set(case.token_scores) | set(case.maps)) & set(slices)
         if clash or set(case.token_scores) & set(case.maps):
