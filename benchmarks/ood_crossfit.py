@@ -5,7 +5,7 @@ volumes, and scores only the other three cases, which it never saw. The slice/sc
     python benchmarks/ood_crossfit.py --work WORK --out benchmarks/results/ood_crossfit_brats.json \
         --fold runs/foldA=data/foldB --fold runs/foldB=data/foldA [--slice-stride 1] [--no-comparisons]
 
-Fold 1 (the first --fold) is the development fold: the `mirror` score's design (3 x 3 token mean, no atlas) and
+Fold 1 (the first --fold) is the development fold: the `mirror` score's design (5 x 5 token mean, no atlas) and
 the aggregation defaults (axial smoothing) were chosen on it; fold 2 was evaluated once, afterwards. Each fold's
 own table is printed and stored beside the pooled one, with a sweep over the aggregation and the lesion-blind
 confounds. A single --fold RUN=DATA evaluates one run on one labelled folder (e.g. the demo test set).

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from mimood.config import GRID, RunConfig
 from mimood.data.io import atomic_write
+from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
 from mimood.export.manifest import file_sha256
 from mimood.models.checkpoint import load_model
@@ -118,16 +119,11 @@ def _synthetic_anomalies(val: np.ndarray, num_codes: int, cfg: RunConfig, seed: 
     return corrupted.numpy(), changed.numpy().astype(bool)
 
 
-def _mirror_val_tokens(run: Path, n: int, batch: int) -> np.ndarray:
-    """Tokens [M, N] of the left-right mirrored validation slices, encoded by the run's best VQ-VAE."""
+def _mirror_val_tokens(run: Path, batch: int) -> np.ndarray:
+    """Tokens [M, N] of the left-right mirrored validation slices, encoded by the run's best VQ-VAE (the slice
+    cache's rows were matched with the token rows by `_slice_info`)."""
     from mimood.eval.calibrate import encode_slices
-    path = run / "data" / "val_slices.npz"
-    if not path.exists():
-        raise InputError(path, "slice cache not found")
-    with np.load(path) as z:
-        images = z["images"]
-    if len(images) != n:
-        raise InputError(path, f"{len(images)} validation slices but {n} token rows")
+    images = load_slice_set(run / "data" / "val_slices.npz").images
     vqvae, _ = load_model(run / "vqvae" / "best.safetensors")
     with torch.no_grad():
         return encode_slices(vqvae.eval(), mirror_slices(images.astype(np.float32)), batch)
@@ -230,7 +226,7 @@ def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | 
 
     # 7: healthy reference scan scores of the validation volumes
     h_val = mvtm_features(graph, val, cfg.batch)
-    h_val_mirror = mvtm_features(graph, _mirror_val_tokens(run, len(val), cfg.batch), cfg.batch)
+    h_val_mirror = mvtm_features(graph, _mirror_val_tokens(run, cfg.batch), cfg.batch)
     ref = {name: [] for name in SLICE_SCORES}
     for c in np.unique(val_case):
         rows = val_case == c
