@@ -12,8 +12,8 @@ last slice is restored.
 Scan score: with an export that has OOD statistics (manifest.extra["ood"]), each batch's input tokens and the
 engine's encoding of its left-right mirrored slices (the `mirror` score) go through the MVTM features computed
 in onnxruntime from the export's feature graph (mimood.ood.runtime, the same on every backend); report.csv's
-scan_score is then the chosen OOD score, and map_score the anomaly-map score (`outputs`). provenance.json records each scan's OOD score against the healthy
-reference scans of the fit (z, percentile).
+scan_score is then the chosen OOD score, and map_score the anomaly-map score (`outputs`). provenance.json
+records each scan's OOD score against the healthy reference scans of the fit (z, percentile).
 
 Output files (`outputs`) and, per run or per part:
     report.csv / report.part<I>of<N>.csv         one row per scan, rewritten atomically after each scan
