@@ -27,6 +27,13 @@ class DataConfig:
     clip_low: float = 0.0             # lower percentile floor (authors' code used 2; 0 = none)
     min_brain_fraction: float = 0.02  # slices with less brain than this share of size^2 are skipped
     lesion_margin: int = 0            # training: >0 keeps only slices this many mm from any label
+    hemispheres: bool = False         # training, with lesion_margin: add the mirrored lesion-free half of the
+                                      # other slices (mimood.data.slices)
+    hemisphere_margin: float = 5.0    # mm (3-D) between that half's brain and the nearest labelled voxel
+    token_intensity_aug: bool = False        # training: the token models also see intensity-augmented slices
+                                             # (mimood.train.recipes.tokenize)
+    source_weights: tuple[float, ...] = ()   # training: share of the batches of each --data source, in order
+                                             # (empty: equal shares; mimood.data.slices.source_balance)
 
 
 @dataclass
@@ -165,8 +172,10 @@ def _has_defaults(cls) -> bool:
 
 
 def preset(name: str) -> RunConfig:
-    """The named preset: `paper` (the paper's sizes), `cpu` (about 20 min of training on 2 cores),
-    `tiny` (seconds; tests)."""
+    """The named preset: `paper` (the paper's sizes), `cpu` (about 20 min of training on 2 cores), `real` (the
+    cpu sizes trained longer, for real scans: healthy material from labelled lesion scans (lesion-free slices
+    and mirrored hemispheres) and intensity-augmented token models; the bundled model's recipe), `tiny`
+    (seconds; tests)."""
     if name == "paper":
         return RunConfig(preset="paper")
     if name == "cpu":
@@ -180,6 +189,14 @@ def preset(name: str) -> RunConfig:
             optim_transformer=OptimConfig(steps=600, batch_size=32, lr=1e-3, weight_decay=1e-5,
                                           warmup_steps=50, val_every=100, val_batches=4),
         )
+    if name == "real":
+        cfg = preset("cpu")
+        cfg.preset = "real"
+        cfg.data = DataConfig(lesion_margin=1, hemispheres=True, token_intensity_aug=True)
+        cfg.optim_vqvae.steps = 2000
+        cfg.optim_transformer.steps = 1200
+        cfg.optim_transformer.val_every = 200
+        return cfg
     if name == "tiny":
         return RunConfig(
             preset="tiny",
@@ -195,4 +212,4 @@ def preset(name: str) -> RunConfig:
     raise ValueError(f"unknown preset {name!r}: choose paper, cpu or tiny")
 
 
-PRESETS = ("paper", "cpu", "tiny")
+PRESETS = ("paper", "cpu", "real", "tiny")

@@ -38,6 +38,37 @@ def demo(out: Path, n_train: int, n_test: int, seed: int):
     click.echo(f"described in {out / 'README.txt'} and {out / 'demo.json'} (seed {seed})")
 
 
+@main.command(help="Write N healthy T2-like volumes synthesised from whole-head label maps (SynthSeg style: "
+                    "random per-structure T2 contrast, bias field, noise, blur or thick slices, small deformations; "
+                    "skull-stripped) to --out, with synth.json describing every volume.")
+@click.option("--labelmaps", required=True, type=click.Path(path_type=Path),
+              help="folder of label maps (FreeSurfer labels; >= 500 extra-cerebral)")
+@click.option("--n", "n", default=40, show_default=True, type=click.IntRange(min=1), help="volumes to write")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="output folder")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--select", default=":", show_default=True,
+              help="which of the sorted label maps to use, as a Python slice (e.g. 0:18 for training, 18: for "
+                   "held-out subjects)")
+@friendly_errors
+def synth(labelmaps: Path, n: int, out: Path, seed: int, select: str):
+    from mimood.data.synth import make_synth
+
+    info = make_synth(labelmaps, out, n, seed=seed, select=_slice(select), progress=True)
+    sources = sorted({v["source"] for v in info["volumes"]})
+    click.echo(f"wrote {len(info['volumes'])} volumes from {len(sources)} label maps to {out} (seed {seed}); "
+               f"parameters in {out / 'synth.json'}")
+
+
+def _slice(text: str) -> slice:
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return slice(*(int(p) if p.strip() else None for p in parts))
+    except ValueError:
+        raise ValueError(f"--select {text!r}: expected START:STOP, e.g. 0:18") from None
+
+
 @main.command(help="Check every volume (and label) under INPUT: one line per problem, exit 1 if any.")
 @click.argument("input", type=click.Path(path_type=Path))
 @click.option("--modality", default="t2", show_default=True, help="which file of a BraTS-style case to read")

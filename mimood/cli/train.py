@@ -33,13 +33,23 @@ def _init_distributed() -> None:
 @click.option("--steps", type=int, default=None, help="Override the preset's number of steps.")
 @click.option("--resume", is_flag=True, help="Continue a run from its last checkpoints and saved config.")
 @click.option("--modality", default="t2", show_default=True, help="File suffix of BraTS-style folders.")
-@click.option("--lesion-margin", type=int, default=0, show_default=True,
-              help="With labels: keep only slices at least this many mm from any lesion.")
+@click.option("--lesion-margin", type=int, default=None,
+              help="With labels: keep only slices at least this many mm from any lesion (default: the preset's; "
+                   "0 for all presets but `real`, which uses 1).")
+@click.option("--hemispheres", is_flag=True,
+              help="With --lesion-margin: also train on the mirrored lesion-free half of slices whose lesion is "
+                   "one-sided (mimood.data.slices).")
+@click.option("--source-weights", default=None,
+              help="Share of the training batches of each --data source, comma-separated in --data order "
+                   "(default: equal shares), e.g. 1,1.")
+@click.option("--token-aug", is_flag=True,
+              help="The token models also see intensity-augmented slices (robustness to other scanners).")
 @click.option("--bf16", is_flag=True, help="CPU bfloat16 autocast (faster on CPUs with AVX-512 bf16).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, bf16, seed, quiet):
+def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, hemispheres, source_weights,
+         token_aug, bf16, seed, quiet):
     """Train the VQ-VAE, the MVTM, the ATD and the AR baseline on healthy scans, then fit the OOD scan score."""
     from mimood.train.recipes import train
 
@@ -47,7 +57,17 @@ def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, b
     cfg = preset(preset_name)
     cfg.seed = seed
     cfg.data.modality = modality
-    cfg.data.lesion_margin = lesion_margin
+    if lesion_margin is not None:
+        cfg.data.lesion_margin = lesion_margin
+    cfg.data.hemispheres = cfg.data.hemispheres or hemispheres
+    cfg.data.token_intensity_aug = cfg.data.token_intensity_aug or token_aug
+    if source_weights:
+        try:
+            cfg.data.source_weights = tuple(float(w) for w in source_weights.split(","))
+        except ValueError:
+            raise ValueError(f"--source-weights {source_weights!r}: expected numbers separated by commas") from None
+    if cfg.data.hemispheres and cfg.data.lesion_margin <= 0:
+        raise ValueError("--hemispheres needs --lesion-margin > 0 (it adds to the lesion-free slices)")
     for o in (cfg.optim_vqvae, cfg.optim_transformer):
         o.bf16 = bf16
         if steps is not None:

@@ -25,6 +25,22 @@ def _torch_gen(rng: np.random.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(int(rng.integers(2**62)))
 
 
+class Draw:
+    """Training-batch indices into n items: uniform (`rng.integers`, as before weights existed) or with sampling
+    probabilities p [n] (mimood.data.slices: each data source its share), by inverse CDF."""
+
+    def __init__(self, n: int, p: np.ndarray | None = None):
+        if p is not None and len(p) != n:
+            raise ValueError(f"sampling probabilities for {len(p)} items, but there are {n}")
+        self.n = n
+        self.cdf = None if p is None else np.cumsum(np.asarray(p, np.float64) / np.sum(p))
+
+    def __call__(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        if self.cdf is None:
+            return rng.integers(0, self.n, size)
+        return np.minimum(np.searchsorted(self.cdf, rng.random(size), side="right"), self.n - 1)
+
+
 def _batches(n: int, batch: int, limit: int):
     """Deterministic validation batches: index ranges over the first limit*batch items."""
     stop = min(n, limit * batch)
@@ -33,11 +49,14 @@ def _batches(n: int, batch: int, limit: int):
 
 
 # -- VQ-VAE ---------------------------------------------------------------------------------------------------
-def vqvae_objective(images: np.ndarray, val_images: np.ndarray, batch: int, val_batches: int):
-    """images: [N, 160, 160] float16 in [0, 1] (train), val_images likewise (held-out volumes)."""
+def vqvae_objective(images: np.ndarray, val_images: np.ndarray, batch: int, val_batches: int,
+                    p: np.ndarray | None = None):
+    """images: [N, 160, 160] float16 in [0, 1] (train), val_images likewise (held-out volumes); p: sampling
+    probabilities of the training images (None: uniform)."""
+    draw = Draw(len(images), p)
 
     def loss_fn(model: nn.Module, step: int, rng: np.random.Generator):
-        idx = rng.integers(0, len(images), batch)
+        idx = draw(rng, batch)
         x = torch.from_numpy(images[idx].astype(np.float32))[:, None]      # [B, 1, H, W]
         g = _torch_gen(rng)
         x = intensity_augment(spatial_augment(x, g), g)
@@ -69,8 +88,10 @@ def vqvae_objective(images: np.ndarray, val_images: np.ndarray, batch: int, val_
 
 # -- transformers ---------------------------------------------------------------------------------------------
 def mvtm_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int,
-                   masks: MaskConfig, val_seed: int = 1234):
-    """tokens: [M, 400] int (train, augmented variants stacked), val_tokens [V, 400]."""
+                   masks: MaskConfig, val_seed: int = 1234, p: np.ndarray | None = None):
+    """tokens: [M, 400] int (train, augmented variants stacked), val_tokens [V, 400]; p [M]: sampling
+    probabilities (None: uniform)."""
+    draw = Draw(len(tokens), p)
 
     def step(model: nn.Module, tok: torch.Tensor, mask: torch.Tensor):
         core = getattr(model, "module", model)
@@ -81,7 +102,7 @@ def mvtm_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_b
         return loss, acc
 
     def loss_fn(model, step_i, rng):
-        tok = torch.from_numpy(tokens[rng.integers(0, len(tokens), batch)].astype(np.int64))
+        tok = torch.from_numpy(tokens[draw(rng, batch)].astype(np.int64))
         loss, acc = step(model, tok, mvtm_masks(rng, batch, GRID, masks))
         return loss, {"acc": acc.item()}
 
@@ -106,14 +127,18 @@ def code_prior(tokens: np.ndarray, fg: np.ndarray, num_codes: int) -> torch.Tens
 
 def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int,
                   masks: MaskConfig, num_codes: int, val_seed: int = 1234, code_probs: torch.Tensor | None = None,
-                  lesions: dict[str, np.ndarray] | None = None):
+                  lesions: dict[str, np.ndarray] | None = None, p: np.ndarray | None = None,
+                  lesion_p: np.ndarray | None = None):
     """BCE of the per-token detector on brush-stroke corruptions; code_probs: see `mimood.models.masks.corrupt`.
 
     With `lesions` (mimood.train.lesions: "train"/"val" corrupted tokens [M, N] and "train_target"/"val_target"
     [M, N] bool) a share `masks.lesion_share` of every batch is drawn from the image-space synthetic lesions
     instead. Validation then reports both kinds (ap/auroc: code corruptions, lesion_ap/lesion_auroc: synthetic
-    lesions) and its loss is the two losses mixed in the training proportion."""
+    lesions) and its loss is the two losses mixed in the training proportion. p / lesion_p: sampling probabilities
+    of the clean and the lesion training rows (None: uniform)."""
     share = masks.lesion_share if lesions is not None else 0.0
+    draw = Draw(len(tokens), p)
+    draw_lesion = Draw(len(lesions["train"]), lesion_p) if lesions is not None else None
 
     def step(model, tok, mask, gen):
         corrupted, target = corrupt(tok, mask, num_codes, gen, code_probs)
@@ -122,11 +147,11 @@ def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_ba
 
     def loss_fn(model, step_i, rng):
         n_les = int(rng.binomial(batch, share)) if share > 0 else 0
-        tok = torch.from_numpy(tokens[rng.integers(0, len(tokens), batch - n_les)].astype(np.int64))
+        tok = torch.from_numpy(tokens[draw(rng, batch - n_les)].astype(np.int64))
         corrupted, target = corrupt(tok, atd_masks(rng, len(tok), GRID, masks), num_codes, _torch_gen(rng),
                                     code_probs)
         if n_les:
-            pick = rng.integers(0, len(lesions["train"]), n_les)
+            pick = draw_lesion(rng, n_les)
             corrupted = torch.cat([corrupted, torch.from_numpy(lesions["train"][pick].astype(np.int64))])
             target = torch.cat([target, torch.from_numpy(lesions["train_target"][pick])])
         logits = model(corrupted)                                          # [B, N]
@@ -165,14 +190,16 @@ def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_ba
     return loss_fn, val_fn
 
 
-def ar_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int):
+def ar_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int,
+                 p: np.ndarray | None = None):
+    draw = Draw(len(tokens), p)
 
     def nll(model, tok):
         logits = model(tok)                                                # [B, N, K]
         return F.cross_entropy(logits.float().flatten(0, 1), tok.flatten())
 
     def loss_fn(model, step_i, rng):
-        tok = torch.from_numpy(tokens[rng.integers(0, len(tokens), batch)].astype(np.int64))
+        tok = torch.from_numpy(tokens[draw(rng, batch)].astype(np.int64))
         return nll(model, tok), {}
 
     def val_fn(model):

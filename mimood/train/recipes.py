@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mimood.config import RunConfig
-from mimood.data.augment import spatial_augment
+from mimood.data.augment import intensity_augment, spatial_augment
 from mimood.data.discover import discover
 from mimood.data.io import atomic_write
 from mimood.data.slices import SliceSet, build_slice_set, load_slice_set, save_slice_set, split_by_case
@@ -61,8 +61,14 @@ def prepare_slices(run: Path, cfg: RunConfig, data: Sequence[Path], val_fraction
     """Preprocess every training volume once into run/data/{train,val}_slices.npz."""
     train_p, val_p = run / "data" / "train_slices.npz", run / "data" / "val_slices.npz"
     if not (train_p.exists() and val_p.exists()) and world()[0] == 0:
-        cases = [c for d in data for c in discover(d, modality=cfg.data.modality)]
-        slices, failures = build_slice_set(cases, cfg.data, progress=progress)
+        found = [discover(d, modality=cfg.data.modality) for d in data]      # one source per --data
+        cases = [c for f in found for c in f]
+        sources = [j for j, f in enumerate(found) for _ in f]
+        weights = list(cfg.data.source_weights) or None
+        if weights is not None and len(weights) != len(data):
+            raise ValueError(f"{len(weights)} source weights for {len(data)} --data sources")
+        slices, failures = build_slice_set(cases, cfg.data, progress=progress, sources=sources,
+                                           source_weights=weights)
         for f in failures:
             log(f"skipped {f}")
         if len(slices.names) < 2:
@@ -72,7 +78,9 @@ def prepare_slices(run: Path, cfg: RunConfig, data: Sequence[Path], val_fraction
         save_slice_set(train, train_p)
         save_slice_set(val, val_p)
         log(f"slices: {len(train.images)} train from {len(set(train.case.tolist()))} volumes, "
-            f"{len(val.images)} validation from {len(set(val.case.tolist()))} volumes")
+            f"{len(val.images)} validation from {len(set(val.case.tolist()))} volumes"
+            + (f", {int(slices.mirrored.sum())} of them mirrored lesion-free hemispheres"
+               if slices.mirrored is not None and slices.mirrored.any() else ""))
     if world()[1] > 1:
         torch.distributed.barrier()
     return load_slice_set(train_p), load_slice_set(val_p)
@@ -86,7 +94,8 @@ def train_vqvae(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, resum
                       after_step=lambda m, step: m.after_step(step))
     if resume and trainer.resume():
         log(f"vqvae: resuming at step {trainer.step}")
-    loss_fn, val_fn = objectives.vqvae_objective(train.images, val.images, o.batch_size, o.val_batches)
+    loss_fn, val_fn = objectives.vqvae_objective(train.images, val.images, o.batch_size, o.val_batches,
+                                                 p=train.probabilities())
     return trainer.fit(loss_fn, val_fn, progress)
 
 
@@ -94,12 +103,15 @@ def train_vqvae(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, resum
 def tokenize(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, progress: bool = True,
              batch: int = 64) -> dict[str, np.ndarray]:
     """Encode the slices once with the best VQ-VAE: train tokens [V, N, 400] for V augmented variants
-    (flips and small rotations, the paper's augmentation of the latent models), val tokens [M, 400], and the
-    share of brain pixels under each token (fg_*: used to keep brain tokens only)."""
+    (flips and small rotations, the paper's augmentation of the latent models; with `data.token_intensity_aug`
+    the random variants also get the VQ-VAE's intensity augmentation, so the token models learn other contrasts
+    too), val tokens [M, 400], and the share of brain pixels under each token (fg_*: used to keep brain tokens
+    only)."""
     path = run / "data" / "tokens.npz"
     vq_path = run / "vqvae" / "best.safetensors"
     digest = hashlib.sha256(vq_path.read_bytes()).hexdigest()
-    if path.exists() and str(np.load(path)["vqvae_sha256"]) == digest:
+    key = f"{digest}/aug={int(cfg.data.token_intensity_aug)}"
+    if path.exists() and str(np.load(path)["vqvae_sha256"]) in (digest, key):   # plain digest: caches before aug
         return dict(np.load(path))                 # cached tokens of this very tokenizer
     if world()[0] == 0:
         vq, _ = load_model(vq_path)
@@ -113,6 +125,8 @@ def tokenize(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, progress
                     x = torch.flip(x, dims=[-1])
                 elif variant > 1:
                     x = spatial_augment(x, gen)
+                    if cfg.data.token_intensity_aug:
+                        x = intensity_augment(x, gen)
                 out.append(vq.encode(x).flatten(1).to(torch.int16).numpy())
                 bar.update(len(x))
             return np.concatenate(out)
@@ -120,7 +134,7 @@ def tokenize(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, progress
         with tqdm(total=len(train.images) * TOKEN_VARIANTS + len(val.images), desc="tokenise", unit="slice",
                   disable=not progress) as bar:
             tokens = {"train": np.stack([encode(train.images, v) for v in range(TOKEN_VARIANTS)]),
-                      "val": encode(val.images, 0), "vqvae_sha256": np.array(digest)}
+                      "val": encode(val.images, 0), "vqvae_sha256": np.array(key)}
         for name, s in (("train", train), ("val", val)):
             tokens[f"fg_{name}"] = brain_share(s.images > 0).astype(np.float16)     # [S, 400]
         with atomic_write(path) as tmp:
@@ -140,7 +154,8 @@ def lesion_cache(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, toke
 
     path = run / "data" / "lesion_tokens.npz"
     digest = str(tokens["vqvae_sha256"])
-    key = f"{VERSION}/{LESION_VARIANTS}"                        # a changed generator is a stale cache too
+    aug = cfg.data.token_intensity_aug
+    key = f"{VERSION}/{LESION_VARIANTS}" + ("/aug" if aug else "")   # a changed generator is a stale cache too
     if path.exists():
         with np.load(path) as z:
             if str(z["vqvae_sha256"]) == digest and str(z.get("generator", "")) == key:
@@ -149,9 +164,12 @@ def lesion_cache(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, toke
         vq, _ = load_model(run / "vqvae" / "best.safetensors")
         rng = np.random.default_rng([cfg.seed, 7])
         flipped = train.images[:, :, ::-1]                       # variant 1 of the clean tokens is the flip
+        clean = [tokens["train"][0], tokens["train"][1]]
+        if aug:                      # the flip variant in another contrast (its clean codes encoded anew)
+            flipped, clean[1] = _intensity_variant(vq, flipped, torch.Generator().manual_seed(cfg.seed + 7))
         with tqdm(total=len(train.images) * LESION_VARIANTS + len(val.images), desc="synthetic lesions",
                   unit="slice", disable=not progress) as bar:
-            parts = [lesion_tokens(vq, imgs, tokens["train"][v], rng, bar=bar)
+            parts = [lesion_tokens(vq, imgs, clean[v], rng, bar=bar)
                      for v, imgs in enumerate((train.images, flipped)[:LESION_VARIANTS])]
             val_tok, val_target = lesion_tokens(vq, val.images, tokens["val"], rng, bar=bar)
         out = {"train": np.concatenate([p[0] for p in parts]), "train_target": np.concatenate([p[1] for p in parts]),
@@ -164,25 +182,43 @@ def lesion_cache(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, toke
     return dict(np.load(path))
 
 
+def _intensity_variant(vq, images: np.ndarray, gen: torch.Generator, batch: int = 64
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """images [N, H, W] with the VQ-VAE's intensity augmentation (float32) and their tokens [N, 400] int16."""
+    out, tok = [], []
+    for i in range(0, len(images), batch):
+        x = intensity_augment(torch.from_numpy(images[i:i + batch].astype(np.float32))[:, None], gen)
+        out.append(x[:, 0].numpy())
+        tok.append(vq.encode(x).flatten(1).to(torch.int16).numpy())
+    return np.concatenate(out), np.concatenate(tok)
+
+
 def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np.ndarray], resume: bool,
-                      progress: bool = True, lesions: dict[str, np.ndarray] | None = None) -> TrainResult:
+                      progress: bool = True, lesions: dict[str, np.ndarray] | None = None,
+                      p: np.ndarray | None = None) -> TrainResult:
+    """p [N]: sampling probabilities of the training slices (SliceSet.probabilities; None: uniform), spread over
+    the token variants of each slice."""
     model = build_model(task, cfg.transformer)
     o = cfg.optim_transformer
     train_tok = tokens["train"].reshape(-1, tokens["train"].shape[-1])     # [V*N, 400]
+    V = tokens["train"].shape[0]
+    p_tok = None if p is None else np.tile(p, V) / V                      # variant-major, like the reshape
+    p_les = None if p is None or lesions is None else \
+        np.tile(p, len(lesions["train"]) // len(p)) / (len(lesions["train"]) // len(p))
     val_tok = tokens["val"]
     trainer = Trainer(model, task, o, run / task, cfg.seed)
     if resume and trainer.resume():
         log(f"{task}: resuming at step {trainer.step}")
     if task == "mvtm":
-        fns = objectives.mvtm_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks)
+        fns = objectives.mvtm_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks, p=p_tok)
     elif task == "atd":
         K = cfg.vqvae.num_embeddings
         prior = None if cfg.masks.corruption == "uniform" else objectives.code_prior(
             tokens["train"], np.broadcast_to(tokens["fg_train"], tokens["train"].shape), K)
         fns = objectives.atd_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks, K,
-                                       code_probs=prior, lesions=lesions)
+                                       code_probs=prior, lesions=lesions, p=p_tok, lesion_p=p_les)
     else:
-        fns = objectives.ar_objective(train_tok, val_tok, o.batch_size, o.val_batches)
+        fns = objectives.ar_objective(train_tok, val_tok, o.batch_size, o.val_batches, p=p_tok)
     return trainer.fit(*fns, progress=progress)
 
 
@@ -214,7 +250,7 @@ def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path]
             tokens = tokenize(run, cfg, train_set, val_set, progress)
             lesions = (lesion_cache(run, cfg, train_set, val_set, tokens, progress)
                        if name == "atd" and cfg.masks.lesion_share > 0 else None)
-            result = train_transformer(name, run, cfg, tokens, resume, progress, lesions)
+            result = train_transformer(name, run, cfg, tokens, resume, progress, lesions, train_set.probabilities())
         summary[name] = {"steps": result.steps, "seconds": round(result.seconds, 1), "best": result.best_val,
                          "last": result.last_val}
         log(f"{name}: {result.steps} steps in {result.seconds:.0f} s; validation {_fmt(result.last_val)}")
