@@ -64,6 +64,15 @@ class TransformerConfig:
 
 
 @dataclass
+class DAEConfig:
+    """The denoising-autoencoder baseline (mimood.models.dae): MONAI UNet, coarse-noise corruption."""
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    num_res_units: int = 1
+    noise_res: int = 20               # noise drawn on a 20 x 20 grid (the paper: 16 for 128 px, the same ratio)
+    noise_std: float = 0.2
+
+
+@dataclass
 class OptimConfig:
     steps: int = 200_000
     batch_size: int = 32
@@ -123,6 +132,9 @@ class RunConfig:
         steps=300_000, batch_size=32, lr=1e-4, weight_decay=0.0, val_every=2000))
     optim_transformer: OptimConfig = field(default_factory=OptimConfig)
     restore: RestoreConfig = field(default_factory=RestoreConfig)
+    dae: DAEConfig = field(default_factory=DAEConfig)
+    optim_dae: OptimConfig = field(default_factory=lambda: OptimConfig(
+        steps=2000, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_steps=50, val_every=250, val_batches=4))
 
     def __post_init__(self):
         if self.transformer.vocab_size != self.vqvae.num_embeddings:
@@ -208,6 +220,8 @@ def preset(name: str) -> RunConfig:
             optim_transformer=OptimConfig(steps=20, batch_size=8, lr=3e-3, weight_decay=0.0,
                                           val_every=10, val_batches=1),
             restore=RestoreConfig(T=2, R=2, batch=4),
+            dae=DAEConfig(channels=(4, 8, 8), noise_res=10),
+            optim_dae=OptimConfig(steps=10, batch_size=4, lr=3e-3, weight_decay=0.0, val_every=5, val_batches=1),
         )
     raise ValueError(f"unknown preset {name!r}: choose paper, cpu or tiny")
 

@@ -24,7 +24,7 @@ def _init_distributed() -> None:
 
 
 @click.command()
-@click.argument("what", type=click.Choice(["vqvae", "mvtm", "atd", "ar", "ood", "all"]))
+@click.argument("what", type=click.Choice(["vqvae", "mvtm", "atd", "ar", "ood", "all", "dae", "atd_paper"]))
 @click.option("--data", "data", multiple=True, type=click.Path(exists=True),
               help="Training volumes (folder or file; repeatable). Default: the built-in demo data.")
 @click.option("--run", "--run-dir", "run", default="runs/default", show_default=True, type=click.Path(),
@@ -50,7 +50,8 @@ def _init_distributed() -> None:
 @friendly_errors
 def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, hemispheres, source_weights,
          token_aug, bf16, seed, quiet):
-    """Train the VQ-VAE, the MVTM, the ATD and the AR baseline on healthy scans, then fit the OOD scan score."""
+    """Train the VQ-VAE, the MVTM, the ATD and the AR baseline on healthy scans, then fit the OOD scan score
+    (`all`); `dae` and `atd_paper` train the comparison baselines of mimood-eval on the same slices."""
     from mimood.train.recipes import train
 
     _init_distributed()
@@ -68,7 +69,7 @@ def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, h
             raise ValueError(f"--source-weights {source_weights!r}: expected numbers separated by commas") from None
     if cfg.data.hemispheres and cfg.data.lesion_margin <= 0:
         raise ValueError("--hemispheres needs --lesion-margin > 0 (it adds to the lesion-free slices)")
-    for o in (cfg.optim_vqvae, cfg.optim_transformer):
+    for o in (cfg.optim_vqvae, cfg.optim_transformer, cfg.optim_dae):
         o.bf16 = bf16
         if steps is not None:
             o.steps = steps

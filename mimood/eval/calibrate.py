@@ -168,6 +168,7 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
             lams[name] = float(np.percentile(token_scores[name][brain_tokens], token_percentile))
             rules[name] = f"P{token_percentile:g} of {what} of healthy brain tokens"
     lams["ar"], rules["ar"] = cfg.lam_nll, "configured lambda_NLL (RestoreConfig.lam_nll)"
+    lams["mimood_paper"], rules["mimood_paper"] = cfg.lam, "configured lambda (RestoreConfig.lam; the paper's 0.005)"
 
     per_method = {}
     rows = np.arange(0, len(images), slice_stride)

@@ -89,7 +89,7 @@ def method_lams(cal: dict, cfg: RestoreConfig, lam: float | None = None) -> dict
     """Token thresholds: calibration.json's, `lam` overriding MIM-OOD's, the config's lambda_NLL for AR."""
     m = cal.get("methods", {})
     lams = {"mimood": cal["lam"] if lam is None else lam, "ar": m.get("ar", {}).get("lam", cfg.lam_nll)}
-    for name in ("mvtm_likelihood", "token_critic"):
+    for name in ("mvtm_likelihood", "token_critic", "mimood_paper"):
         if name in m:
             lams[name] = m[name]["lam"]
     return lams
@@ -113,7 +113,7 @@ def evaluate(run: str | Path, data: str | Path, cfg: RestoreConfig | None = None
     cal = load_calibration(run)
     if cal is None:
         raise ValueError(f"{run}: not calibrated (no calibration.json); run mimood-eval --calibrate first")
-    missing = [m for m in methods if m in ("mvtm_likelihood", "ar", "token_critic")
+    missing = [m for m in methods if m in ("mvtm_likelihood", "ar", "token_critic", "mimood_paper", "dae")
                and m not in cal.get("methods", {})]
     if missing:
         raise ValueError(f"{run}/calibration.json has no entry for {', '.join(missing)}; recalibrate")

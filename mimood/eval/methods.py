@@ -1,10 +1,14 @@
 """The compared methods behind one call: a batch of slices x [B,1,H,W] -> anomaly maps [B,H,W] + token scores [B,N].
 
     mimood            the MIM-OOD loop (`mimood.restore.restore`) with the ATD as detector, threshold lam
+    mimood_paper      the same loop with an ATD trained the paper's way (brush strokes of random codes, `atd_paper/`,
+                      mimood-train atd_paper) at the configured lambda (the paper's 0.005)
     mvtm_likelihood   the same loop with the MVTM likelihood (NLL) as detector, threshold lam in NLL units
     token_critic      the same loop with a Token Critic as detector (needs `<run>/critic/`, see token_critic.py)
     ar                AR restoration (LSR), resample where NLL > lam_nll
     intensity         the image itself
+    dae               the denoising-autoencoder baseline (mimood.models.dae; `dae/`, mimood-train dae): |x - DAE(x)|
+                      smoothed and masked like the restoration residual
 
 All restoration methods share one VQ-VAE and one `DecodeScore` (min-pool, average pool, brain mask, mean over R),
 so they differ only in how they pick and re-draw tokens.
@@ -20,13 +24,16 @@ import numpy as np
 from mimood.config import RestoreConfig
 from mimood.eval.baselines import MVTMLikelihood, ar_nll, ar_restore, intensity_token_scores
 from mimood.eval.token_critic import CRITIC
-from mimood.models.graphs import ATDGraph
+import torch
+
+from mimood.models.graphs import ATDGraph, smooth_residual
 from mimood.models.checkpoint import load_model
 from mimood.restore import TorchEngine, restore
 
-METHODS = ("mimood", "ar", "mvtm_likelihood", "token_critic", "intensity")
-MODELS = {"mimood": ("vqvae", "atd", "mvtm"), "mvtm_likelihood": ("vqvae", "atd", "mvtm"),
-          "ar": ("vqvae", "atd", "mvtm", "ar"), "token_critic": ("vqvae", "atd", "mvtm", CRITIC), "intensity": ()}
+METHODS = ("mimood", "mimood_paper", "ar", "mvtm_likelihood", "token_critic", "intensity", "dae")
+MODELS = {"mimood": ("vqvae", "atd", "mvtm"), "mimood_paper": ("vqvae", "atd_paper", "mvtm"),
+          "mvtm_likelihood": ("vqvae", "atd", "mvtm"), "ar": ("vqvae", "atd", "mvtm", "ar"),
+          "token_critic": ("vqvae", "atd", "mvtm", CRITIC), "intensity": (), "dae": ("dae",)}
 
 
 @dataclass
@@ -69,6 +76,22 @@ class ARMethod:
         return MethodOutput(e.get(e.decode_score(restored, xd)), e.get(ar_nll(self.ar, tokens)))
 
 
+class DAEMethod:
+    """The denoising autoencoder: map = smoothed |x - DAE(x)| inside the brain (R = 1: it is deterministic);
+    token score = the map's mean over each token's pixels."""
+    name, lam = "dae", None
+
+    def __init__(self, dae, cfg: RestoreConfig):
+        self.dae, self.cfg = dae.eval(), cfg
+
+    @torch.no_grad()
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        maps = smooth_residual((self.dae(xt).float() - xt).abs(), xt, 1, self.cfg.min_pool, self.cfg.avg_pool)
+        maps = maps.numpy()
+        return MethodOutput(maps, intensity_token_scores(maps[:, None]))
+
+
 class IntensityMethod:
     name, lam = "intensity", None
 
@@ -83,7 +106,7 @@ def available_methods(run: str | Path) -> tuple[str, ...]:
 
 
 def load_models(run: Path, names) -> dict:
-    """The best checkpoints the given methods need (plus the VQ-VAE, which tokenises for every table)."""
+    """The best checkpoints the given methods need (plus the VQ-VAE, which tokenises for every table), by folder."""
     kinds = {"vqvae"} | {k for n in names for k in MODELS[n]}
     return {k: load_model(Path(run) / k / "best.safetensors")[0] for k in sorted(kinds)}
 
@@ -97,11 +120,16 @@ def build_methods(models: dict, names, cfg: RestoreConfig, lams: dict[str, float
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     out: dict[str, Method] = {}
     engine = None
-    if any(n != "intensity" for n in names):
+    if any(n not in ("intensity", "dae") for n in names):
         engine = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg)
     for n in names:
         if n == "mimood":
             out[n] = RestoreMethod(n, engine, cfg, lams[n])
+        elif n == "mimood_paper":
+            paper_engine = TorchEngine(models["vqvae"], models["atd_paper"], models["mvtm"], cfg)
+            out[n] = RestoreMethod(n, paper_engine, cfg, lams[n])
+        elif n == "dae":
+            out[n] = DAEMethod(models["dae"], cfg)
         elif n == "mvtm_likelihood":
             nll_engine = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg,
                                      detector=MVTMLikelihood(models["mvtm"], mvtm_stride))

@@ -20,7 +20,8 @@ import numpy as np
 from mimood.eval.evaluate import EvalResult
 from mimood.eval.metrics import dice, json_ready, pixel_metrics, token_metrics
 
-PAPER_NAMES = {"mimood": "MIM-OOD", "ar": "AR restoration", "mvtm_likelihood": "MVTM likelihood",
+PAPER_NAMES = {"mimood": "MIM-OOD", "mimood_paper": "MIM-OOD (paper ATD, lambda 0.005)", "ar": "AR restoration",
+               "mvtm_likelihood": "MVTM likelihood", "dae": "Denoising autoencoder",
                "token_critic": "MVTM + Token Critic", "intensity": "Intensity"}
 
 
@@ -49,7 +50,8 @@ def token_table(res: EvalResult) -> Table:
         scores = np.concatenate([c.token_scores[m] for c in res.cases])
         rows[m] = token_metrics(scores, labels, mask=brain)
     score_names = {"mimood": "ATD probability", "ar": "AR NLL", "mvtm_likelihood": "MVTM NLL (lattice passes)",
-                   "token_critic": "critic probability", "intensity": "mean intensity"}
+                   "token_critic": "critic probability", "intensity": "mean intensity",
+                   "mimood_paper": "ATD (paper) probability", "dae": "mean DAE residual"}
     return Table("token", "Token level (paper Table 1)", [Column("ap", "AP"), Column("auroc", "AUROC")], rows, [
         f"{int(brain.sum())} tokens with brain pixels in {len(labels)} slices, {int(labels[brain].sum())} of them "
         "lesion tokens (a token is a lesion token if any of its 8 x 8 pixels has label > 0)",

@@ -94,7 +94,8 @@ class Manifest:
         r = cfg.restore
         kw: dict[str, Any] = dict(
             preset=cfg.preset, batch=r.batch, R=r.R, T=r.T, lam=r.lam, temperature=r.temperature,
-            min_pool=r.min_pool, avg_pool=r.avg_pool, threshold=r.threshold, data=asdict(cfg.data),
+            min_pool=r.min_pool, avg_pool=r.avg_pool, threshold=r.threshold,
+            data=json.loads(json.dumps(asdict(cfg.data))),   # as it reads back (tuples are lists in JSON)
             vocab_size=cfg.vqvae.num_embeddings, mask_id=cfg.vqvae.num_embeddings, grid=GRID)
         kw.update(overrides)
         return cls(**kw)

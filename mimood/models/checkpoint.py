@@ -12,20 +12,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mimood.config import TransformerConfig, VQConfig, from_dict
+from mimood.config import DAEConfig, TransformerConfig, VQConfig, from_dict
 from mimood.data.io import atomic_write
 from mimood.errors import InputError
 from mimood.models.transformer import TASKS, TokenTransformer
 from mimood.models.vqvae import VQVAE
 
-KINDS = ("vqvae",) + TASKS
+KINDS = ("vqvae",) + TASKS + ("dae",)
+CONFIGS = {"vqvae": VQConfig, "dae": DAEConfig, **{t: TransformerConfig for t in TASKS}}
 
 
-def build_model(kind: str, config: VQConfig | TransformerConfig) -> nn.Module:
+def build_model(kind: str, config: VQConfig | TransformerConfig | DAEConfig) -> nn.Module:
     if kind == "vqvae":
         return VQVAE(config)
     if kind in TASKS:
         return TokenTransformer(config, kind)
+    if kind == "dae":
+        from mimood.models.dae import DAE
+        return DAE(config)
     raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
 
 
@@ -53,8 +57,9 @@ def read_info(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from its checkpoint alone; returns (model in eval mode, info)."""
     info = read_info(path)
-    cfg_cls = VQConfig if info["kind"] == "vqvae" else TransformerConfig
-    model = build_model(info["kind"], from_dict(cfg_cls, info["config"]))
+    if info["kind"] not in CONFIGS:
+        raise InputError(path, f"unknown model kind {info['kind']!r} (expected one of {', '.join(KINDS)})")
+    model = build_model(info["kind"], from_dict(CONFIGS[info["kind"]], info["config"]))
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict(state)

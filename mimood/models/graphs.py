@@ -72,14 +72,19 @@ class DecodeScore(nn.Module):
         return self.vqvae.decode(tokens.view(-1, GRID, GRID)).float().clamp(0, 1)    # [BR, 1, H, W]
 
     def forward(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
         x_rep = x.repeat_interleave(self.R, dim=0)                           # [BR, 1, H, W]
-        d = (self.restoration(tokens) - x_rep).abs()
-        if self.min_pool > 1:                                                # per restoration (not linear)
-            d = -F.max_pool2d(-d, self.min_pool, stride=1, padding=self.min_pool // 2)
-        # the average pool is linear and the brain mask is the same for all R: average over R first (R x less
-        # pooling work, same result)
-        d = d.view(B, self.R, H, W).mean(dim=1, keepdim=True)               # [B, 1, H, W]
-        if self.avg_pool > 1:
-            d = F.avg_pool2d(d, self.avg_pool, stride=1, padding=self.avg_pool // 2, count_include_pad=False)
-        return (d * (x > 0).to(d.dtype))[:, 0]                               # [B, H, W]
+        return smooth_residual((self.restoration(tokens) - x_rep).abs(), x, self.R, self.min_pool, self.avg_pool)
+
+
+def smooth_residual(d: torch.Tensor, x: torch.Tensor, R: int, min_pool: int, avg_pool: int) -> torch.Tensor:
+    """|restoration - input| d [B*R, 1, H, W] (slice-major) of inputs x [B, 1, H, W] -> maps [B, H, W]: min-pool
+    (removes thin edges), mean over R, average pool, zero outside the brain (x > 0). Also the DAE baseline's map."""
+    B, _, H, W = x.shape
+    if min_pool > 1:                                                         # per restoration (not linear)
+        d = -F.max_pool2d(-d, min_pool, stride=1, padding=min_pool // 2)
+    # the average pool is linear and the brain mask is the same for all R: average over R first (R x less
+    # pooling work, same result)
+    d = d.view(B, R, H, W).mean(dim=1, keepdim=True)                         # [B, 1, H, W]
+    if avg_pool > 1:
+        d = F.avg_pool2d(d, avg_pool, stride=1, padding=avg_pool // 2, count_include_pad=False)
+    return (d * (x > 0).to(d.dtype))[:, 0]                                   # [B, H, W]

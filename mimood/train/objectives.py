@@ -190,6 +190,36 @@ def atd_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_ba
     return loss_fn, val_fn
 
 
+# -- denoising autoencoder (baseline) ----------------------------------------------------------------------
+def dae_objective(images: np.ndarray, val_images: np.ndarray, batch: int, val_batches: int, cfg,
+                  p: np.ndarray | None = None, val_seed: int = 1234):
+    """Coarse-noise denoising (mimood.models.dae): MSE between DAE(x + coarse noise) and x, on the same flips and
+    rotations as the token models; validation: MSE on the held-out slices with seeded noise, and the residual
+    |x - DAE(x)| of the clean slices inside the brain (what the baseline's anomaly map is made of)."""
+    from mimood.models.dae import coarse_noise
+    draw = Draw(len(images), p)
+
+    def loss_fn(model, step_i, rng):
+        x = torch.from_numpy(images[draw(rng, batch)].astype(np.float32))[:, None]
+        g = _torch_gen(rng)
+        x = spatial_augment(x, g)
+        loss = F.mse_loss(model(coarse_noise(x, cfg, g)).float(), x)
+        return loss, {}
+
+    def val_fn(model):
+        g = torch.Generator().manual_seed(val_seed)
+        losses, res, n = [], 0.0, 0
+        for s in _batches(len(val_images), batch, val_batches):
+            x = torch.from_numpy(val_images[s].astype(np.float32))[:, None]
+            losses.append(F.mse_loss(model(coarse_noise(x, cfg, g)).float(), x).item())
+            brain = x > 0
+            res += (model(x).float() - x).abs()[brain].sum().item()
+            n += int(brain.sum())
+        return {"loss": float(np.mean(losses)), "clean_residual_brain": res / max(n, 1)}
+
+    return loss_fn, val_fn
+
+
 def ar_objective(tokens: np.ndarray, val_tokens: np.ndarray, batch: int, val_batches: int,
                  p: np.ndarray | None = None):
     draw = Draw(len(tokens), p)

@@ -33,7 +33,9 @@ from mimood.train import objectives
 from mimood.train.trainer import Trainer, TrainResult, world
 
 MODELS = ("vqvae", "mvtm", "atd", "ar")
-STAGES = MODELS + ("ood",)  # what `mimood-train` can run; "all" runs them in this order
+STAGES = MODELS + ("ood",)  # "all" runs these in this order
+BASELINES = ("dae", "atd_paper")   # comparison models for mimood-eval, trained on the same slices when asked:
+                                   # the denoising autoencoder, and an ATD trained the paper's way (random codes)
 TOKEN_VARIANTS = 4          # identity, flip, and two random flip/rotations per training slice
 LESION_VARIANTS = 2         # synthetic-lesion corruptions per training slice (on the identity and flip variants)
 
@@ -193,11 +195,24 @@ def _intensity_variant(vq, images: np.ndarray, gen: torch.Generator, batch: int 
     return np.concatenate(out), np.concatenate(tok)
 
 
+def train_dae(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, resume: bool,
+              progress: bool = True) -> TrainResult:
+    """The denoising-autoencoder baseline (mimood.models.dae) on the run's own training slices and weights."""
+    model = build_model("dae", cfg.dae)
+    o = cfg.optim_dae
+    trainer = Trainer(model, "dae", o, run / "dae", cfg.seed)
+    if resume and trainer.resume():
+        log(f"dae: resuming at step {trainer.step}")
+    loss_fn, val_fn = objectives.dae_objective(train.images, val.images, o.batch_size, o.val_batches, cfg.dae,
+                                               p=train.probabilities())
+    return trainer.fit(loss_fn, val_fn, progress)
+
+
 def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np.ndarray], resume: bool,
                       progress: bool = True, lesions: dict[str, np.ndarray] | None = None,
-                      p: np.ndarray | None = None) -> TrainResult:
+                      p: np.ndarray | None = None, out: str | None = None) -> TrainResult:
     """p [N]: sampling probabilities of the training slices (SliceSet.probabilities; None: uniform), spread over
-    the token variants of each slice."""
+    the token variants of each slice. out: the checkpoint folder's name (default: the task)."""
     model = build_model(task, cfg.transformer)
     o = cfg.optim_transformer
     train_tok = tokens["train"].reshape(-1, tokens["train"].shape[-1])     # [V*N, 400]
@@ -206,9 +221,9 @@ def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np
     p_les = None if p is None or lesions is None else \
         np.tile(p, len(lesions["train"]) // len(p)) / (len(lesions["train"]) // len(p))
     val_tok = tokens["val"]
-    trainer = Trainer(model, task, o, run / task, cfg.seed)
+    trainer = Trainer(model, task, o, run / (out or task), cfg.seed)
     if resume and trainer.resume():
-        log(f"{task}: resuming at step {trainer.step}")
+        log(f"{out or task}: resuming at step {trainer.step}")
     if task == "mvtm":
         fns = objectives.mvtm_objective(train_tok, val_tok, o.batch_size, o.val_batches, cfg.masks, p=p_tok)
     elif task == "atd":
@@ -224,7 +239,8 @@ def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np
 
 def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path] = (), resume: bool = False,
           progress: bool = True) -> dict:
-    """Train `what` in {vqvae, mvtm, atd, ar, ood, all} into `run`; returns the summary dict."""
+    """Train `what` in {vqvae, mvtm, atd, ar, ood, all} or a baseline {dae, atd_paper} into `run`; returns the
+    summary dict."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     cfg_path = run / "config.json"
@@ -244,6 +260,16 @@ def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path]
             continue
         if name == "vqvae":
             result = train_vqvae(run, cfg, train_set, val_set, resume, progress)
+        elif name == "dae":
+            result = train_dae(run, cfg, train_set, val_set, resume, progress)
+        elif name == "atd_paper":                   # the paper's ATD: brush strokes of uniformly random codes
+            if not (run / "vqvae" / "best.safetensors").exists():
+                raise ValueError(f"{run}: train the VQ-VAE first (mimood-train vqvae)")
+            paper = RunConfig.from_dict(cfg.to_dict())
+            paper.masks.lesion_share, paper.masks.corruption = 0.0, "uniform"
+            tokens = tokenize(run, cfg, train_set, val_set, progress)
+            result = train_transformer("atd", run, paper, tokens, resume, progress, None,
+                                       train_set.probabilities(), out="atd_paper")
         else:
             if not (run / "vqvae" / "best.safetensors").exists():
                 raise ValueError(f"{run}: train the VQ-VAE first (mimood-train vqvae)")
