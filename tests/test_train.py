@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from mimood.cli.train import main as train_cli
-from mimood.config import preset
+from mimood.config import DAEConfig, preset
 from mimood.data.demo import make_demo
 from mimood.errors import InputError
 from mimood.models.checkpoint import build_model, load_model, read_info, save_model
@@ -43,17 +43,21 @@ def _fixed(loss_fn, seed=0):
     return lambda model, step, rng: loss_fn(model, step, np.random.default_rng(seed))
 
 
-@pytest.mark.parametrize("kind", ["vqvae", "mvtm", "atd", "ar"])
+@pytest.mark.parametrize("kind", ["vqvae", "mvtm", "atd", "ar", "dae"])
 def test_loss_goes_down_on_a_fixed_batch(kind):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    if kind == "vqvae":
+    if kind in ("vqvae", "dae"):
         yy, xx = np.mgrid[0:160, 0:160] / 160.0
         images = np.stack([0.5 + 0.4 * np.sin(6 * xx + p) * np.cos(4 * yy - p) for p in range(4)])
         images[:, :, :30] = 0                                 # background
         images = images.astype(np.float16)
-        loss_fn, _ = objectives.vqvae_objective(images, images, batch=4, val_batches=1)
-        model = build_model(kind, CFG.vqvae)
+        if kind == "vqvae":
+            loss_fn, _ = objectives.vqvae_objective(images, images, batch=4, val_batches=1)
+            model = build_model(kind, CFG.vqvae)
+        else:
+            loss_fn, _ = objectives.dae_objective(images, images, 4, 1, CFG.dae)
+            model = build_model(kind, DAEConfig(channels=(8, 16, 32)))
     else:
         tokens = rng.integers(0, K, (8, 400)).astype(np.int16)
         tokens[:, :200] = 3                                   # some structure to learn
@@ -146,6 +150,52 @@ def test_train_all_recipe(run):
     assert tokens["train"].ndim == 3 and tokens["train"].shape[-1] == 400
     assert tokens["train"].max() < K
     assert json.loads((out / "config.json").read_text())["preset"] == "tiny"
+
+
+def test_baseline_stages_train_on_the_run_and_join_the_methods(run, demo):
+    """mimood-train dae / atd_paper write their checkpoints beside the run's models; once calibrated, mimood-eval's
+    methods `dae` (the residual of a denoising autoencoder) and `mimood_paper` (the loop with the paper's ATD)
+    give maps on the brain only."""
+    from mimood.eval.calibrate import calibrate
+    from mimood.eval.methods import available_methods, build_methods, load_models
+
+    out, _ = run
+    summary = train("dae", out, preset("tiny"), [], resume=True, progress=False)
+    summary = train("atd_paper", out, preset("tiny"), [], resume=True, progress=False)
+    assert summary["dae"]["steps"] == CFG.optim_dae.steps and "clean_residual_brain" in summary["dae"]["last"]
+    assert read_info(out / "atd_paper" / "best.safetensors")["kind"] == "atd"
+    assert {"ap", "auroc"} <= set(summary["atd_paper"]["last"]) and "lesion_auroc" not in summary["atd_paper"]["last"]
+    assert {"dae", "mimood_paper"} <= set(available_methods(out))
+    cal = calibrate(out, methods=["mimood", "mimood_paper", "dae"], slice_stride=4, progress=False)
+    assert cal["methods"]["mimood_paper"]["lam"] == CFG.restore.lam                  # the paper's lambda
+    assert cal["methods"]["dae"]["threshold"] > 0 and "lam" not in cal["methods"]["dae"]
+    x = np.load(out / "data" / "val_slices.npz")["images"][:4].astype(np.float32)[:, None]
+    methods = build_methods(load_models(out, ["dae", "mimood_paper"]), ["dae", "mimood_paper"], CFG.restore,
+                            {"mimood_paper": 0.5})
+    for name, m in methods.items():
+        o = m(x, np.random.default_rng(0))
+        assert o.maps.shape == (4, 160, 160) and o.token_scores.shape == (4, 400), name
+        assert np.all(o.maps[x[:, 0] == 0] == 0) and o.maps.max() > 0, name
+
+
+def test_real_recipe_material_reaches_the_caches(demo, tmp_path):
+    """The `real` recipe's data options end to end on a tiny run: two --data sources with weights, the lesion
+    volume's mirrored hemispheres in the slice cache, intensity-augmented token variants and lesion cache."""
+    from mimood.data.slices import load_slice_set
+
+    cfg = preset("tiny")
+    cfg.data.lesion_margin, cfg.data.hemispheres, cfg.data.token_intensity_aug = 1, True, True
+    cfg.data.source_weights = (1.0, 3.0)
+    out = tmp_path / "real"
+    train("vqvae", out, cfg, [demo / "train", demo / "test"], progress=False)
+    train("atd", out, cfg, [demo / "train", demo / "test"], progress=False)
+    s = load_slice_set(out / "data" / "train_slices.npz")
+    assert s.mirrored.any() and s.source.tolist().count(1) >= 1
+    p = s.probabilities()
+    assert np.isclose(p[s.source[s.case] == 1].sum(), 0.75)                  # 1 : 3, whatever the slice counts
+    tokens = np.load(out / "data" / "tokens.npz")
+    assert str(tokens["vqvae_sha256"]).endswith("/aug=1")
+    assert str(np.load(out / "data" / "lesion_tokens.npz")["generator"]).endswith("/aug")
 
 
 def test_resume_of_a_finished_run_trains_nothing(run):

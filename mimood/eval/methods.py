@@ -120,7 +120,7 @@ def build_methods(models: dict, names, cfg: RestoreConfig, lams: dict[str, float
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     out: dict[str, Method] = {}
     engine = None
-    if any(n not in ("intensity", "dae") for n in names):
+    if any(n in ("mimood", "ar") for n in names):          # the run's own ATD engine
         engine = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg)
     for n in names:
         if n == "mimood":
