@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from mimood.config import DataConfig
-from mimood.data.preprocess import Geometry, normalise, preprocess, to_volume
+from mimood.data.preprocess import BRAIN_FLOOR, Geometry, normalise, preprocess, to_volume
 from mimood.errors import InputError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -74,7 +74,20 @@ def test_clip_low_floor():
     s = preprocess(nib.Nifti1Image(data, np.eye(4)), cfg)
     lo, hi = np.percentile(data[data > 0], [2, 98])
     assert s.geometry.intensity == [pytest.approx(lo), pytest.approx(hi)]
-    assert np.mean(s.images[s.brain] == 0.0) == pytest.approx(0.02, abs=0.005)
+    # the lowest 2% are clipped to the floor, and stay brain: no holes in the slice
+    assert np.mean(s.images[s.brain] == np.float32(BRAIN_FLOOR)) == pytest.approx(0.02, abs=0.005)
+    assert np.all(s.images[s.brain] > 0) and np.all(s.images[~s.brain] == 0)
+
+
+def test_negative_brain_voxels_stay_brain():
+    """Raw skull-stripped scans (e.g. TCGA data) can hold negative values inside the brain: they are brain voxels
+    (non-zero) and must not become background holes."""
+    data = brain_volume()
+    inside = np.argwhere(data > 0)[::50]
+    data[tuple(inside.T)] = -40.0
+    s = preprocess(nib.Nifti1Image(data, np.eye(4)), CFG)
+    assert np.all(s.images[s.brain] >= BRAIN_FLOOR) and np.all(s.images[~s.brain] == 0)
+    assert s.brain.sum() == (s.images > 0).sum()
 
 
 def test_crop_is_centred_on_brain_bounding_box_and_pads():

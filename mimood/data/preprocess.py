@@ -32,6 +32,7 @@ from mimood.data.io import check_volume, load_volume
 from mimood.errors import InputError
 
 _RAS = axcodes2ornt("RAS")
+BRAIN_FLOOR = 1e-3        # the smallest normalised value of a brain voxel
 
 
 @dataclass
@@ -126,8 +127,9 @@ def normalise(vol: np.ndarray, brain: np.ndarray, cfg: DataConfig, source: str =
               ) -> tuple[np.ndarray, float, float]:
     """Clip brain intensities to [P_low, P_high] and scale to [0, 1]; background 0.
 
-    clip_low = 0 (the paper): values are divided by P_high (the floor is 0, so brain voxels stay > 0 in
-    positive-valued MRI). clip_low > 0 (the authors' code used 2): min-max scaling from P_low.
+    clip_low = 0 (the paper): values are divided by P_high. clip_low > 0 (the authors' code used 2): min-max
+    scaling from P_low. Either way brain voxels are at least BRAIN_FLOOR, so negative or floor-clipped voxels of a
+    raw scan stay brain.
     """
     values = vol[brain]
     high = float(np.percentile(values, cfg.clip_high))
@@ -136,7 +138,9 @@ def normalise(vol: np.ndarray, brain: np.ndarray, cfg: DataConfig, source: str =
         raise InputError(source, f"brain intensities have no range to normalise (P{cfg.clip_low:g} = "
                                  f"{low:g}, P{cfg.clip_high:g} = {high:g}, min = max? is this a mask?)")
     out = (np.clip(vol, low, high) - low) / (high - low)
-    out[~brain] = 0.0
+    # a brain voxel stays brain (> 0) even where a raw, unclipped skull-stripped scan has values <= the floor
+    # (negative voxels inside the brain): else it would read as background, a hole in the slice
+    out = np.where(brain, np.maximum(out, BRAIN_FLOOR), 0.0)
     return out.astype(np.float32), low, high
 
 
