@@ -6,6 +6,13 @@ renamed when complete, so a killed run leaves no half-written file):
     <name>_mask.nii.gz   uint8 mask: map > the manifest's calibrated threshold (not written without one)
     <name>.png           the most anomalous axial slices: input in grey, map as a heat overlay, mask contour
 
+The map's values lie in [0, 1]: the smoothed |restoration - input| of slices scaled to [0, 1] (mimood.restore), put
+back on the input grid by linear interpolation (which stays inside [0, 1]); 0 outside the brain and on slices that
+were not restored. Its header says so (`map_header`): descrip "mimood <version> anomaly map [0,1]; scan score
+<score name>", and the display window cal_min/cal_max = [threshold, 2 x threshold] (the upper half of the overlay
+PNG's colour bar: a viewer that hides an overlay below cal_min, as NiiVue and MRIcroGL do, shows the flagged voxels
+only, graded), or [0, 1] without a threshold. The mask's descrip names the threshold; its window is [0, 1].
+
 report.csv's scan score: the export's OOD score (`manifest.scan_score`, e.g. "vim": MVTM-feature scores fitted on
 healthy scans, mimood.ood.runtime) when it has one; else the anomaly-map score. The anomaly-map score is always
 its own column `map_score`: the mean of the top 1% of anomaly-map values inside the brain, over the processed
@@ -23,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from mimood import __version__
 from mimood.data.io import atomic_write, save_nifti
 from mimood.data.preprocess import Slices, to_volume
 
@@ -59,17 +67,36 @@ def output_paths(out: Path, name: str, image: Path) -> dict[str, Path]:
     return {"map": out / f"{name}{suffix}", "mask": out / f"{name}_mask.nii.gz", "png": out / f"{name}.png"}
 
 
+def map_header(vol: nib.Nifti1Image, threshold: float | None, score_name: str = "map",
+               mask: bool = False) -> nib.Nifti1Image:
+    """`vol` with a header that tells the truth about the map (or its mask): descrip and display window (module
+    docstring); the rest of the input's header (units, qform/sform) is kept."""
+    header = vol.header.copy()
+    if mask:
+        rule = f"map > {threshold:.6g}" if threshold is not None else "no threshold"
+        text, window = f"mimood {__version__} anomaly mask: {rule}", (0.0, 1.0)
+    else:
+        text = f"mimood {__version__} anomaly map [0,1]; scan score {score_name}"
+        window = ((float(threshold), min(2.0 * threshold, 1.0)) if threshold is not None and 0 < threshold < 1
+                  else (0.0, 1.0))
+    header["descrip"] = text.encode("ascii", "replace")[:79]             # 80 bytes, NUL-terminated
+    header["cal_min"], header["cal_max"] = window
+    header["aux_file"] = b""                                               # the input's, not ours
+    return nib.Nifti1Image(vol.dataobj, vol.affine, header)
+
+
 def write_scan(paths: dict[str, Path], name: str, slices: Slices, maps: np.ndarray,
-               threshold: float | None) -> tuple[float, float | None]:
-    """Write a scan's map, mask (when `threshold` is set) and overlay; returns (map score, anomalous ml)."""
+               threshold: float | None, score_name: str = "map") -> tuple[float, float | None]:
+    """Write a scan's map, mask (when `threshold` is set) and overlay; returns (map score, anomalous ml).
+    `score_name`: the scan score's name for the map's descrip."""
     score = scan_score(maps, slices.brain)
     vol = to_volume(maps, slices.geometry)                                  # float32 on the input grid
     data = np.asarray(vol.dataobj, dtype=np.float32)                        # [X, Y, Z]
-    save_nifti(data, vol.affine, vol, paths["map"])
+    save_nifti(data, vol.affine, map_header(vol, threshold, score_name), paths["map"])
     ml = None
     if threshold is not None:
         mask = (data > threshold).astype(np.uint8)
-        save_nifti(mask, vol.affine, vol, paths["mask"], dtype=np.uint8)
+        save_nifti(mask, vol.affine, map_header(vol, threshold, mask=True), paths["mask"], dtype=np.uint8)
         ml = float(mask.sum()) * abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
     write_overlay(paths["png"], name, slices, maps, threshold, score)
     return score, ml
