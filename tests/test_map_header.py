@@ -1,5 +1,5 @@
 """The map's and the mask's NIfTI headers tell the truth: descrip (mimood version, score name), the display window
-cal_min/cal_max, and the map's values in [0, 1]."""
+cal_min/cal_max, and the map's values in [0, 1]; every report column is described with its unit."""
 import nibabel as nib
 import numpy as np
 
@@ -41,3 +41,20 @@ def test_descrip_and_window(tmp_path):
     m = nib.load(paths["map"])
     assert (float(m.header["cal_min"]), float(m.header["cal_max"])) == (0, 1)
     assert m.header["descrip"].item().decode().endswith("scan score map")
+
+
+def test_every_report_column_is_described_with_its_unit():
+    import pytest
+    from mimood.runtime.components import STAT_COLUMNS, lesion_stats
+    from mimood.runtime.outputs import COLUMNS, describe_columns
+    from mimood.runtime.reference import SCORE_COLUMNS
+
+    side = describe_columns(COLUMNS)
+    assert [c["name"] for c in side["columns"]] == COLUMNS
+    _, stats = lesion_stats(np.zeros((4, 4, 4), bool), np.eye(4))
+    planned = COLUMNS[:3] + ["scan_score", "raw_score"] + list(stats.row()) + ["seconds"]
+    side = describe_columns(planned, stats=STAT_COLUMNS, score=SCORE_COLUMNS)
+    units = {c["name"]: c["unit"] for c in side["columns"]}
+    assert units["largest_ml"] == "ml" and units["largest_r_mm"] == "mm" and units["scan_score"].endswith("[0, 1]")
+    with pytest.raises(KeyError, match="largest_ml"):
+        describe_columns(COLUMNS + ["largest_ml"])

@@ -141,6 +141,33 @@ def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, thres
 
 COLUMNS = [f.name for f in fields(Row)]
 
+ROW_COLUMNS: dict[str, tuple[str, str]] = {            # column -> (unit, description), for the sidecar
+    "file": ("path", "the input scan"),
+    "status": ("", "ok or failed"),
+    "error": ("", "why the scan failed, one line"),
+    "scan_score": ("", "the scan score: the OOD score when the export has one, else = map_score"),
+    "score_name": ("", "which score scan_score is: ood.<name> or map"),
+    "map_score": ("map value in [0, 1]", "mean of the top 1% of in-brain anomaly-map values, on the 1 mm slices"),
+    "anomalous_ml": ("ml", "mask voxels (map > threshold) x voxel volume, before any component filter"),
+    "slices": ("count", "axial slices restored"),
+    "seconds": ("s", "preprocessing + this scan's share of the batches + writing"),
+    "backend": ("", "engine detail, e.g. ort fp32 CPUExecutionProvider"),
+}
+
+
+def describe_columns(columns: list[str], **extra: dict[str, tuple[str, str]]) -> dict:
+    """The sidecar JSON (report.columns.json) describing report.csv's columns, in order, with their units:
+    {"columns": [{"name", "unit", "description"}, ...]}. Descriptions come from ROW_COLUMNS, then from the
+    dicts in `extra` (e.g. stats=components.STAT_COLUMNS, score=reference.SCORE_COLUMNS; later ones win);
+    a column without a description is an error, so the sidecar never omits one."""
+    known = dict(ROW_COLUMNS)
+    for d in extra.values():
+        known.update(d)
+    missing = [c for c in columns if c not in known]
+    if missing:
+        raise KeyError(f"report columns without a description: {', '.join(missing)}")
+    return {"columns": [{"name": c, "unit": known[c][0], "description": known[c][1]} for c in columns]}
+
 
 def write_report(path: Path, rows: list[Row]) -> None:
     """report.csv, rewritten whole (atomically) after each scan: it always lists every scan done so far."""

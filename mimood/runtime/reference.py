@@ -28,6 +28,13 @@ import numpy as np
 
 MIN_REFERENCE = 20         # reference scans needed for a z-score and a percentile
 
+SCORE_COLUMNS: dict[str, tuple[str, str]] = {          # report.csv column -> (unit, description)
+    "scan_score": ("share in [0, 1]", "calibrated scan score: the share of healthy reference scans scoring below "
+                                      "the raw score (ties half), interpolated; 0.5 = a typical healthy scan"),
+    "raw_score": ("score_name's own", "the raw scan score before calibration (unbounded; higher = more anomalous)"),
+    "reference_scans": ("count", "healthy reference scans the calibration uses"),
+}
+
 
 class HealthyReference:
     """Sorted raw scan scores of healthy reference scans (any order in, at least one) and their score's name."""
