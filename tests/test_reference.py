@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mimood.runtime.reference import MIN_REFERENCE, HealthyReference
+from mimood.runtime.reference import MIN_REFERENCE, HealthyReference, format_score
 
 RNG = np.random.default_rng(0)
 
@@ -57,3 +57,8 @@ def test_bad_references_are_refused():
         HealthyReference([1.0, float("nan")])
     with pytest.raises(ValueError, match="not finite"):
         HealthyReference([1.0, 2.0]).calibrate(float("inf"))
+
+
+def test_format_never_rounds_to_certainty():
+    assert format_score(0.97312) == "0.973" and format_score(1.0) == "1.000" and format_score(0.0) == "0.000"
+    assert format_score(0.99996) == "> 0.999" and format_score(2e-5) == "< 0.001"

@@ -33,6 +33,7 @@ import numpy as np
 
 from mimood import __version__
 from mimood.data.io import atomic_write
+from mimood.runtime.reference import format_score
 
 ASSETS = Path(__file__).with_name("assets") / "niivue"
 NIIVUE_FILES = ("niivue.umd.js", "LICENSE", "README.md")
@@ -120,10 +121,10 @@ def _value(row: dict, key: str):
         f = float(v)
     except (TypeError, ValueError):
         return None, str(v)
+    if key == "scan_score":
+        return f, format_score(f)
     if key.endswith("score"):
-        text = f"{f:.3f}"
-        text = "> 0.999" if text == "1.000" and f < 1 else "< 0.001" if text == "0.000" and f > 0 else text
-        return f, text
+        return f, f"{f:.4g}"
     return f, f"{f:.1f}" if isinstance(v, float) or "." in str(v) else str(v)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from mimood.data.io import atomic_write
 from mimood.data.preprocess import Geometry, Slices
 from mimood.runtime.components import CONNECTIVITY, MIN_COMPONENT_ML, label_components, voxel_ml
+from mimood.runtime.reference import format_score
 
 PANELS = 4                 # slices shown
 EDGE_AREA_SHARE = 0.25     # slices with less brain than this share of the largest slice are edge slices
@@ -225,8 +226,8 @@ def overlay_figure(name: str, slices: Slices, maps: np.ndarray, threshold: float
         cax.axhline(threshold, color="cyan", linewidth=2.5)
         bar.set_ticks([0, threshold, vmax], labels=["0", f"{threshold:.3g}\nthreshold", f"{vmax:.3g}"])
 
-    score_text = "no scan score" if score is None else f"scan score {score:.3f}" + (f" ({score_name})"
-                                                                                    if score_name else "")
+    score_text = ("no scan score" if score is None else f"scan score {format_score(score)}"
+                  + (f" ({score_name})" if score_name else ""))
     fig.suptitle(f"{name}: {score_text}", fontsize=10, y=0.985)
     view = ("radiological view: patient's right on image left" if radiological
             else "neurological view: patient's left on image left")

@@ -102,3 +102,14 @@ class HealthyReference:
         return {"name": self.name, "n": self.n, "min": float(s[0]), "median": float(np.median(s)),
                 "max": float(s[-1]), "mean": float(s.mean()),
                 "std": float(s.std(ddof=1)) if self.n >= 2 else math.nan}
+
+
+def format_score(score: float, digits: int = 3) -> str:
+    """A [0, 1] score for people: `digits` decimals, but never "1.000" / "0.000" for a score that is not exactly
+    that (scans beyond every reference get 0.9999...: "> 0.999")."""
+    text = f"{score:.{digits}f}"
+    if float(text) == 1 and score < 1:
+        return "> " + f"{1 - 10 ** -digits:.{digits}f}"
+    if float(text) == 0 and score > 0:
+        return "< " + f"{10 ** -digits:.{digits}f}"
+    return text
