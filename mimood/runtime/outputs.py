@@ -6,6 +6,13 @@ renamed when complete, so a killed run leaves no half-written file):
     <name>_mask.nii.gz   uint8 mask: map > the manifest's calibrated threshold (not written without one)
     <name>.png           the most anomalous axial slices: input in grey, map as a heat overlay, mask contour
 
+The map's values lie in [0, 1]: the smoothed |restoration - input| of slices scaled to [0, 1] (mimood.restore), put
+back on the input grid by linear interpolation (which stays inside [0, 1]); 0 outside the brain and on slices that
+were not restored. Its header says so (`map_header`): descrip "mimood <version> anomaly map [0,1]; scan score
+<score name>", and the display window cal_min/cal_max = [threshold, 2 x threshold] (the upper half of the overlay
+PNG's colour bar: a viewer that hides an overlay below cal_min, as NiiVue and MRIcroGL do, shows the flagged voxels
+only, graded), or [0, 1] without a threshold. The mask's descrip names the threshold; its window is [0, 1].
+
 report.csv's scan score: the export's OOD score (`manifest.scan_score`, e.g. "vim": MVTM-feature scores fitted on
 healthy scans, mimood.ood.runtime) when it has one; else the anomaly-map score. The anomaly-map score is always
 its own column `map_score`: the mean of the top 1% of anomaly-map values inside the brain, over the processed
@@ -23,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from mimood import __version__
 from mimood.data.io import atomic_write, save_nifti
 from mimood.data.preprocess import Slices, to_volume
 
@@ -59,17 +67,36 @@ def output_paths(out: Path, name: str, image: Path) -> dict[str, Path]:
     return {"map": out / f"{name}{suffix}", "mask": out / f"{name}_mask.nii.gz", "png": out / f"{name}.png"}
 
 
+def map_header(vol: nib.Nifti1Image, threshold: float | None, score_name: str = "map",
+               mask: bool = False) -> nib.Nifti1Image:
+    """`vol` with a header that tells the truth about the map (or its mask): descrip and display window (module
+    docstring); the rest of the input's header (units, qform/sform) is kept."""
+    header = vol.header.copy()
+    if mask:
+        rule = f"map > {threshold:.6g}" if threshold is not None else "no threshold"
+        text, window = f"mimood {__version__} anomaly mask: {rule}", (0.0, 1.0)
+    else:
+        text = f"mimood {__version__} anomaly map [0,1]; scan score {score_name}"
+        window = ((float(threshold), min(2.0 * threshold, 1.0)) if threshold is not None and 0 < threshold < 1
+                  else (0.0, 1.0))
+    header["descrip"] = text.encode("ascii", "replace")[:79]             # 80 bytes, NUL-terminated
+    header["cal_min"], header["cal_max"] = window
+    header["aux_file"] = b""                                               # the input's, not ours
+    return nib.Nifti1Image(vol.dataobj, vol.affine, header)
+
+
 def write_scan(paths: dict[str, Path], name: str, slices: Slices, maps: np.ndarray,
-               threshold: float | None) -> tuple[float, float | None]:
-    """Write a scan's map, mask (when `threshold` is set) and overlay; returns (map score, anomalous ml)."""
+               threshold: float | None, score_name: str = "map") -> tuple[float, float | None]:
+    """Write a scan's map, mask (when `threshold` is set) and overlay; returns (map score, anomalous ml).
+    `score_name`: the scan score's name for the map's descrip."""
     score = scan_score(maps, slices.brain)
     vol = to_volume(maps, slices.geometry)                                  # float32 on the input grid
     data = np.asarray(vol.dataobj, dtype=np.float32)                        # [X, Y, Z]
-    save_nifti(data, vol.affine, vol, paths["map"])
+    save_nifti(data, vol.affine, map_header(vol, threshold, score_name), paths["map"])
     ml = None
     if threshold is not None:
         mask = (data > threshold).astype(np.uint8)
-        save_nifti(mask, vol.affine, vol, paths["mask"], dtype=np.uint8)
+        save_nifti(mask, vol.affine, map_header(vol, threshold, mask=True), paths["mask"], dtype=np.uint8)
         ml = float(mask.sum()) * abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
     write_overlay(paths["png"], name, slices, maps, threshold, score)
     return score, ml
@@ -113,6 +140,33 @@ def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, thres
 
 
 COLUMNS = [f.name for f in fields(Row)]
+
+ROW_COLUMNS: dict[str, tuple[str, str]] = {            # column -> (unit, description), for the sidecar
+    "file": ("path", "the input scan"),
+    "status": ("", "ok or failed"),
+    "error": ("", "why the scan failed, one line"),
+    "scan_score": ("", "the scan score: the OOD score when the export has one, else = map_score"),
+    "score_name": ("", "which score scan_score is: ood.<name> or map"),
+    "map_score": ("map value in [0, 1]", "mean of the top 1% of in-brain anomaly-map values, on the 1 mm slices"),
+    "anomalous_ml": ("ml", "mask voxels (map > threshold) x voxel volume, before any component filter"),
+    "slices": ("count", "axial slices restored"),
+    "seconds": ("s", "preprocessing + this scan's share of the batches + writing"),
+    "backend": ("", "engine detail, e.g. ort fp32 CPUExecutionProvider"),
+}
+
+
+def describe_columns(columns: list[str], **extra: dict[str, tuple[str, str]]) -> dict:
+    """The sidecar JSON (report.columns.json) describing report.csv's columns, in order, with their units:
+    {"columns": [{"name", "unit", "description"}, ...]}. Descriptions come from ROW_COLUMNS, then from the
+    dicts in `extra` (e.g. stats=components.STAT_COLUMNS, score=reference.SCORE_COLUMNS; later ones win);
+    a column without a description is an error, so the sidecar never omits one."""
+    known = dict(ROW_COLUMNS)
+    for d in extra.values():
+        known.update(d)
+    missing = [c for c in columns if c not in known]
+    if missing:
+        raise KeyError(f"report columns without a description: {', '.join(missing)}")
+    return {"columns": [{"name": c, "unit": known[c][0], "description": known[c][1]} for c in columns]}
 
 
 def write_report(path: Path, rows: list[Row]) -> None:
