@@ -64,6 +64,11 @@ def prepare_slices(run: Path, cfg: RunConfig, data: Sequence[Path], val_fraction
     train_p, val_p = run / "data" / "train_slices.npz", run / "data" / "val_slices.npz"
     if not (train_p.exists() and val_p.exists()) and world()[0] == 0:
         found = [discover(d, modality=cfg.data.modality) for d in data]      # one source per --data
+        for d, f in zip(data, found):              # a lesion scan without its label would train as healthy
+            unlabelled = [c for c in f if c.label is None]
+            if cfg.data.lesion_margin > 0 and unlabelled and len(unlabelled) < len(f):
+                log(f"warning: {d}: {len(unlabelled)} volume(s) without a label are used as healthy scans: "
+                    + ", ".join(str(c.image) for c in unlabelled[:3]))
         cases = [c for f in found for c in f]
         sources = [j for j, f in enumerate(found) for _ in f]
         weights = list(cfg.data.source_weights) or None
