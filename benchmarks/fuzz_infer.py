@@ -70,7 +70,7 @@ class Infer:
         killed = False
         if kill_when is not None:               # kill -9 as soon as the condition holds (or at kill_after)
             while p.poll() is None and not kill_when() and time.perf_counter() - t0 < (kill_after or timeout):
-                time.sleep(0.05)
+                time.sleep(0.002)
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 killed = True
@@ -180,17 +180,25 @@ def valid_folder(folder: Path, base: nib.Nifti1Image, n: int) -> Path:
 
 
 def kill_and_continue(infer: Infer, folder: Path, work: Path) -> dict:
-    """An uninterrupted run against one killed (-9) after its first finished scan and then --continue'd."""
+    """An uninterrupted run against one killed (-9) while it writes an output file (a temporary exists; polled
+    every 2 ms) and then --continue'd."""
     ref, out = work / "kill_ref", work / "kill_out"
     infer.run("kill: reference", folder, ref)
-    report = out / "report.csv"
-    first = infer.run("kill: killed run", folder, out, kill_when=lambda: (read_rows(report) or {}) != {},
-                      kill_after=600)
+
+    def writing() -> bool:
+        try:
+            return any(e.name.startswith(".") and ".tmp" in e.name for e in os.scandir(out))
+        except OSError:
+            return False
+
+    first = infer.run("kill: killed run", folder, out, kill_when=writing, kill_after=600)
+    left = [p.name for p in out.iterdir() if p.name.startswith(".") and ".tmp" in p.name] if out.is_dir() else []
     second = infer.run("kill: --continue", folder, out, "--continue")
     names = sorted(p.name for p in ref.iterdir() if p.suffix in (".gz", ".nii", ".png"))
     same = [n for n in names if (out / n).is_file() and (out / n).read_bytes() == (ref / n).read_bytes()]
     stale = [p.name for p in out.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
-    return {"killed": first["killed"], "continue_exit": second["rc"], "outputs": len(names),
+    return {"killed": first["killed"], "temporaries_after_kill": left, "continue_exit": second["rc"],
+            "outputs": len(names),
             "byte_identical": len(same), "stale_temporaries": stale, "partial": partial_files(out)}
 
 
@@ -377,8 +385,8 @@ def run_all(args, work: Path) -> dict:
     exports = export_runs(infer, export, valid, work)
 
     tracebacks = sum(r["tracebacks"] for r in infer.runs)
-    partial = main_result["partial"] + kill["partial"] + [f"stale: {s}" for s in kill["stale_temporaries"]] + \
-        [p for d in disks for p in d.get("partial", [])]
+    partial = main_result["partial"] + [f"after kill -9 + --continue: {p}" for p in kill["partial"]] + \
+        [f"disk full: {p}" for d in disks for p in d.get("partial", [])]
     wrong = main_result["silent_wrong"] + [f"manifest {e['case']}: exit 0" for e in exports if e["silent_wrong"]]
     if kill["byte_identical"] != kill["outputs"]:
         wrong.append(f"kill -9 + --continue: {kill['outputs'] - kill['byte_identical']} outputs differ")
@@ -414,7 +422,8 @@ def summary(r: dict) -> str:
                      f"{b.get('load_peak_mib')} MiB ({b.get('imports_mib')} MiB after imports): "
                      f"{b.get('load', b.get('error'))}"[:400])
     k = r["kill_continue"]
-    lines.append(f"kill -9 + --continue: killed {k['killed']}, {k['byte_identical']}/{k['outputs']} outputs "
+    lines.append(f"kill -9 while writing + --continue: killed {k['killed']} (temporaries then: "
+                 f"{len(k['temporaries_after_kill'])}), {k['byte_identical']}/{k['outputs']} outputs "
                  f"byte-identical, stale temporaries {len(k['stale_temporaries'])}, exit {k['continue_exit']}")
     q = r["quiet"]
     lines.append(f"--quiet with a failure: exit {q['exit']}, {q['printed_lines']} lines printed")
