@@ -279,7 +279,7 @@ def collision_inputs(w: _Writer, base: nib.Nifti1Image) -> None:
     w.bytes("collide/a.nii.gz", lps, "collision", "ok")
     w.bytes("collide/sub/b.nii.gz", raw, "collision", "ok")
     w.bytes("collide/other/b.nii.gz", lps, "collision", "ok")
-    w.bytes("collide/sub__b.nii.gz", raw, "collision", "ok", note="the name folder prefixing gives sub/b.nii.gz")
+    w.bytes("collide/sub__b.nii.gz", raw, "collision", "ok", note="the name folder prefixing gives sub/b")
     w.bytes("collide/Case.nii.gz", raw, "collision", "ok")
     w.bytes("collide/case.nii.gz", lps, "collision", "ok", note="same name on a case-insensitive disk")
 
@@ -330,7 +330,8 @@ def mutations(w: _Writer, base: nib.Nifti1Image, n: int, rng: np.random.Generato
             at = rng.integers(0, len(z), int(rng.integers(1, 4)))
             for k in at:
                 z[k] ^= int(rng.integers(1, 256))
-            w.bytes(f"mutation_{i:03d}.nii.gz", bytes(z), "mutation", "any", note=f"compressed bytes {sorted(int(k) for k in at)} flipped", compress=False)
+            w.bytes(f"mutation_{i:03d}.nii.gz", bytes(z), "mutation", "any", compress=False,
+                    note=f"compressed bytes {sorted(int(k) for k in at)} flipped")
             continue
         w.bytes(f"mutation_{i:03d}.nii" + (".gz" if gz else ""), bytes(b), "mutation", "any", note=f"{op}: {note}")
 
