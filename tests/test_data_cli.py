@@ -70,3 +70,21 @@ def test_preview_png(demo_dir, tmp_path):
     assert r.exit_code == 2
     assert r.output.strip() == f"error: {tmp_path / 'bad.nii'}: not a NIfTI file (no NIfTI-1/2 header)"
     assert not (tmp_path / "q.png").exists()
+
+
+def test_check_reports_a_head_and_prints_warnings(tmp_path):
+    from mimood.testing.fuzz import synthetic_scan
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    nib.save(synthetic_scan(head=True), folder / "head.nii.gz")
+    (folder / "padded.nii").write_bytes(synthetic_scan().to_bytes() + bytes(100))
+    r = CliRunner().invoke(main, ["check", str(folder)])
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert lines[0].startswith(f"{folder / 'head.nii.gz'}: not skull-stripped? (")
+    assert lines[1] == (f"warning: {folder / 'padded.nii'}: 100 zero bytes after the declared 96 x 112 x 30 "
+                        "volume ignored")
+    assert lines[-1] == "checked 2 volumes (0 with labels): 1 ok, 1 failed"
+    r = CliRunner().invoke(main, ["check", str(folder), "--no-skull-check"])
+    assert r.exit_code == 0 and r.output.strip().endswith("2 ok, 0 failed")

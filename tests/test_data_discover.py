@@ -99,3 +99,44 @@ def test_real_brats_folder():
     assert len(brats) == 6 and all(c.label is not None and c.label.name.endswith("_seg.nii.gz") for c in brats)
     assert [c.name for c in cases if c.label is None] == ["cstar_stroke_t2"]
     assert len(discover(REAL / "lesion", modality="flair")) == 7
+
+
+def test_output_names_never_clash(tmp_path):
+    """a.nii beside a.nii.gz, Case beside case, sub/b beside a file named sub__b, x_mask beside x's mask: every
+    case gets its own output names, compared ignoring case."""
+    for rel in ("a.nii", "a.nii.gz", "sub/b.nii.gz", "other/b.nii.gz", "sub__b.nii.gz", "Case.nii.gz",
+                "case.nii.gz", "x.nii.gz"):
+        _touch(tmp_path / rel)
+    _touch(tmp_path / "images_like" / "x_mask.nii.gz")          # an image named like x's mask (images/ layout)
+    cases = discover(tmp_path)
+    names = {c.image.relative_to(tmp_path).as_posix(): c.name for c in cases}
+    assert names == {"a.nii": "a_nii", "a.nii.gz": "a_nii_gz", "Case.nii.gz": "Case", "case.nii.gz": "case__2",
+                     "other/b.nii.gz": "other__b", "sub/b.nii.gz": "sub__b", "sub__b.nii.gz": "sub__b__2",
+                     "x.nii.gz": "x"}                               # *_mask files are never images here
+    images = tmp_path / "il"
+    _touch(images / "images" / "x.nii.gz")
+    _touch(images / "images" / "x_mask.nii.gz")
+    assert [c.name for c in discover(images)] == ["x", "x_mask__2"]
+
+
+def test_broken_links_loops_and_folders_are_cases(tmp_path):
+    _touch(tmp_path / "ok.nii.gz")
+    (tmp_path / "dangling.nii.gz").symlink_to("gone.nii.gz")
+    (tmp_path / "loop.nii.gz").symlink_to("loop.nii.gz")
+    (tmp_path / "dir.nii").mkdir()
+    (tmp_path / "dirlink").symlink_to(tmp_path)                   # a link to a folder is not followed
+    cases = discover(tmp_path)
+    assert [c.name for c in cases] == ["dangling", "dir", "loop", "ok"]
+    problems = [check_case(c, DataConfig(), skull=False) for c in cases]
+    assert "broken symbolic link" in problems[0][0] and "is a folder" in problems[1][0]
+    assert "symbolic link loop" in problems[2][0]
+
+
+def test_check_case_reports_a_whole_head(tmp_path):
+    from mimood.testing.fuzz import synthetic_scan
+
+    nib.save(synthetic_scan(head=True), tmp_path / "head.nii.gz")
+    case, = discover(tmp_path)
+    problems = check_case(case, DataConfig())
+    assert len(problems) == 1 and problems[0].startswith(f"{case.image}: not skull-stripped? (")
+    assert check_case(case, DataConfig(), skull=False) == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ from mimood.cli._common import friendly_errors
 from mimood.config import DataConfig
 from mimood.data.discover import check_case, discover
 from mimood.data.io import atomic_write
+from mimood.errors import InputWarning
 
 
 @click.group(help="Data tools: make the built-in demo data, check a data set, preview what the model sees.")
@@ -69,20 +71,31 @@ def _slice(text: str) -> slice:
         raise ValueError(f"--select {text!r}: expected START:STOP, e.g. 0:18") from None
 
 
-@main.command(help="Check every volume (and label) under INPUT: one line per problem, exit 1 if any.")
+@main.command(help="Check every volume (and label) under INPUT: one line per problem, exit 1 if any; warnings "
+                    "about usable files are printed as 'warning: ...' lines.")
 @click.argument("input", type=click.Path(path_type=Path))
 @click.option("--modality", default="t2", show_default=True, help="which file of a BraTS-style case to read")
 @click.option("--labels", is_flag=True, help="every volume must have a label (an evaluation set)")
+@click.option("--skull-check/--no-skull-check", default=True, show_default=True,
+              help="report volumes that do not look skull-stripped (background share, non-zero volume, the field "
+                   "of view's outer shell; mimood.data.checks)")
 @friendly_errors
-def check(input: Path, modality: str, labels: bool):
+def check(input: Path, modality: str, labels: bool, skull_check: bool):
     cases = discover(input, modality=modality)
     cfg = DataConfig(modality=modality)
     failed = 0
     for case in tqdm(cases, desc="checking", unit="volume", disable=None):
-        problems = check_case(case, cfg, require_label=labels)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InputWarning)
+            problems = check_case(case, cfg, require_label=labels, skull=skull_check)
         failed += bool(problems)
         for p in problems:
             tqdm.write(p)
+        for w in caught:                  # a refused file's warnings (header repairs) would only repeat it
+            if not issubclass(w.category, InputWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            elif not problems:
+                tqdm.write(f"warning: {w.message}")
     n_labels = sum(c.label is not None for c in cases)
     click.echo(f"checked {len(cases)} volumes ({n_labels} with labels): {len(cases) - failed} ok, {failed} failed")
     sys.exit(1 if failed else 0)

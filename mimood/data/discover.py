@@ -6,14 +6,23 @@
 - a plain folder of volumes, searched recursively; `*_seg`, `*_label`, `*_mask` files are never images,
   and `<name>_seg` / `<name>_label` beside a volume is its label.
 A single file is one case. Hidden files and folders (such as half-written `.x.tmp-*.nii.gz`) are ignored.
+Broken or looping symbolic links and folders named like volumes are cases too, so that the reader refuses them
+with a reason (one report row each) instead of their vanishing from the run; symbolic links to folders are not
+followed.
+
+A case's name is the base of its output files (`<name>.nii[.gz]`, `<name>_mask.nii.gz`, `<name>.png`), so names
+are made unique even on a case-insensitive disk (`_unique_names`).
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from mimood.config import DataConfig
+from mimood.data.checks import skull_check
+from mimood.data.io import load_volume
 from mimood.data.preprocess import preprocess
 from mimood.errors import InputError
 
@@ -62,13 +71,15 @@ def stem(path: Path) -> str:
 
 
 def _volumes(folder: Path) -> list[Path]:
-    """Every non-hidden .nii/.nii.gz file under `folder`, recursively, sorted."""
+    """Every non-hidden .nii/.nii.gz entry under `folder`, recursively, sorted: files, links (broken ones too)
+    and folders with such a name (module docstring)."""
     out = []
     for p in folder.rglob("*"):
         rel = p.relative_to(folder).parts
-        if any(part.startswith(".") for part in rel) or not p.is_file() or not _SUFFIX.search(p.name):
+        if any(part.startswith(".") for part in rel) or not _SUFFIX.search(p.name):
             continue
-        out.append(p)
+        if p.is_file() or p.is_symlink() or p.is_dir():
+            out.append(p)
     return sorted(out)
 
 
@@ -147,27 +158,59 @@ def _plain_case(path: Path, s: str) -> Case:
 
 
 def _unique_names(cases: list[Case], root: Path) -> list[Case]:
-    """Names are output file names: where two cases share a file name, prefix the relative folders."""
-    count: dict[str, int] = {}
+    """Sorted by path, with output names that cannot clash, compared case-insensitively: where names clash the
+    relative folders are prefixed (`sub__b`), then, between files whose suffixes differ, the suffix is added
+    (`a_nii`, `a_nii_gz`), and any clash left (`Case` and `case`, a file named `sub__b` beside `sub/b`, `a_mask`
+    beside the mask of `a`) gets `__2`, `__3`, ... in path order."""
+    cases = sorted(cases, key=lambda c: str(c.image))
+    for group in _clashes(cases):
+        for c in group:
+            c.name = "__".join(c.image.relative_to(root).parent.parts + (c.name,))
+    for group in _clashes(cases):
+        if len({_suffix(c.image) for c in group}) > 1:
+            for c in group:
+                c.name = f"{c.name}_{_suffix(c.image).lstrip('.').replace('.', '_').lower()}"
+    used: set[str] = set()
     for c in cases:
-        count[c.name] = count.get(c.name, 0) + 1
-    for c in cases:
-        if count[c.name] > 1:
-            parts = c.image.relative_to(root).parent.parts
-            c.name = "__".join(parts + (c.name,))
-    return sorted(cases, key=lambda c: str(c.image))
+        name, k = c.name, 1
+        while {name.casefold(), f"{name}_mask".casefold()} & used:
+            k += 1
+            name = f"{c.name}__{k}"
+        c.name = name
+        used |= {name.casefold(), f"{name}_mask".casefold()}
+    return cases
 
 
-def check_case(case: Case, cfg: DataConfig, require_label: bool = False) -> list[str]:
+def _clashes(cases: list[Case]) -> list[list[Case]]:
+    """Groups of cases whose names are equal ignoring case."""
+    count = Counter(c.name.casefold() for c in cases)
+    groups: dict[str, list[Case]] = {}
+    for c in cases:
+        if count[c.name.casefold()] > 1:
+            groups.setdefault(c.name.casefold(), []).append(c)
+    return list(groups.values())
+
+
+def _suffix(path: Path) -> str:
+    m = _SUFFIX.search(path.name)
+    return m.group(0) if m else path.suffix
+
+
+def check_case(case: Case, cfg: DataConfig, require_label: bool = False, skull: bool = True) -> list[str]:
     """Problems ("path: problem" lines) that would stop this case from being used; [] when it is fine.
 
-    Runs the whole preprocessing (with the label, when there is one), so a case that passes will load.
+    Runs the whole preprocessing (with the label, when there is one), so a case that passes will load, and (with
+    `skull`) the skull-stripping check (`mimood.data.checks`). Warnings about a usable file (`InputWarning`)
+    are not problems: they go through `warnings.warn`.
     """
     problems = []
     if case.label is None and require_label:
         problems.append(str(InputError(case.image, f"no label found (expected {case.expected_label})")))
     try:
-        preprocess(case.image, cfg, label=case.label)
+        image = load_volume(case.image)
+        if skull and not (result := skull_check(image)).stripped:
+            problems.append(str(InputError(case.image, result.message())))
+        preprocess(image, cfg, label=case.label)
     except InputError as e:
         problems.append(str(e))
     return problems

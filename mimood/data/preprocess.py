@@ -28,6 +28,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from nibabel.processing import resample_from_to
 
 from mimood.config import DataConfig
+from mimood.data.header import INVALID, MAX_VOXELS, check_affine, nibabel_messages
 from mimood.data.io import check_volume, load_volume
 from mimood.errors import InputError
 
@@ -88,7 +89,7 @@ def preprocess(image: nib.Nifti1Image | str | Path, cfg: DataConfig,
     ornt = io_orientation(affine)
     canonical_affine = affine @ inv_ornt_aff(ornt, data.shape)
     canonical = np.ascontiguousarray(apply_orientation(data, ornt))
-    grid_shape, grid_affine, resampled = _target_grid(canonical.shape, canonical_affine, cfg.spacing)
+    grid_shape, grid_affine, resampled = _target_grid(canonical.shape, canonical_affine, cfg.spacing, source)
 
     brain_in = data != 0
     vol, brain = canonical, canonical != 0
@@ -174,21 +175,29 @@ def _load(image, allow_zero: bool) -> tuple[nib.Nifti1Image, str]:
     if isinstance(image, (str, Path)):
         return load_volume(image, allow_zero=allow_zero), str(image)
     source = image.get_filename() or "<image>"
+    check_affine(image.affine, source)
     data = check_volume(image.get_fdata(dtype=np.float32), source, allow_zero=allow_zero)
-    header = nib.Nifti1Header.from_header(image.header)
+    with nibabel_messages(None):            # a NIfTI-2 header's fields are checked against NIfTI-1's here
+        header = nib.Nifti1Header.from_header(image.header)
     header.set_data_shape(data.shape)
     header.set_data_dtype(np.float32)
     header.set_slope_inter(None, None)
     return nib.Nifti1Image(data, image.affine, header), source
 
 
-def _target_grid(shape, affine: np.ndarray, spacing: float) -> tuple[tuple[int, ...], np.ndarray, bool]:
-    """The isotropic grid covering the same field of view with the same direction cosines."""
+def _target_grid(shape, affine: np.ndarray, spacing: float, source: str = "<image>"
+                 ) -> tuple[tuple[int, ...], np.ndarray, bool]:
+    """The isotropic grid covering the same field of view with the same direction cosines; an `InputError` when
+    that grid would exceed `MAX_VOXELS` (voxel sizes that are plausible one by one, but not for this grid)."""
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if np.all(np.abs(zooms - spacing) <= 1e-3):
         return tuple(shape), affine, False
     n = np.asarray(shape, dtype=float)
     new_shape = np.maximum(1, np.round(n * zooms / spacing)).astype(int)
+    if float(np.prod(new_shape.astype(float))) > MAX_VOXELS:
+        raise InputError(source, f"{INVALID} ({' x '.join(f'{z:.3g}' for z in zooms)} mm voxels: a field of view "
+                                 f"of {' x '.join(f'{f:.0f}' for f in n * zooms)} mm, {spacing:g} mm resampling "
+                                 f"would need more than {MAX_VOXELS} voxels)")
     new_affine = np.eye(4)
     new_affine[:3, :3] = affine[:3, :3] / zooms * spacing
     centre = affine[:3, :3] @ ((n - 1) / 2) + affine[:3, 3]   # the two grids share their centre

@@ -47,23 +47,16 @@ from mimood.eval.token_critic import CRITIC
 from mimood.eval.metrics import json_ready, token_labels, token_metrics
 from mimood.models.graphs import ATDGraph, EncodeGraph
 from mimood.models.masks import atd_masks, corrupt
+from mimood.thresholds import check_calibration, read_calibration
 from mimood.train.lesions import lesion_tokens
 
 CALIBRATION = "calibration.json"
 
 
 def load_calibration(run: str | Path) -> dict | None:
-    """The run's calibration.json, or None when the run has not been calibrated."""
-    path = Path(run) / CALIBRATION
-    if not path.exists():
-        return None
-    try:
-        cal = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"not valid JSON ({e})") from None
-    if "lam" not in cal or "threshold" not in cal:
-        raise InputError(path, "missing 'lam' or 'threshold'")
-    return cal
+    """The run's calibration.json, or None when the run has not been calibrated; its lambdas and thresholds are
+    checked (`mimood.thresholds`: finite, in range, numbers; one-line errors naming the file and key)."""
+    return read_calibration(Path(run) / CALIBRATION)
 
 
 @torch.no_grad()
@@ -207,6 +200,7 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
                  "brain_tokens": int(brain_tokens.sum())},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    check_calibration(cal, run / CALIBRATION)   # before json_ready, which would turn a NaN threshold into null
     cal = json_ready(cal)                       # strict JSON: a NaN check (nothing to count) becomes null
     if write:
         with atomic_write(run / CALIBRATION) as tmp:

@@ -61,6 +61,7 @@ from mimood.export.manifest import MANIFEST_NAME, Manifest, file_sha256, write_a
 from mimood.export.validate import Check, compare, graph_io, run_onnx
 from mimood.models.checkpoint import load_model
 from mimood.ood.scan import OOD_FILE
+from mimood.thresholds import read_calibration
 
 MODELS = ("vqvae", "atd", "mvtm")
 OOD_GRAPH = "ood_features.onnx"
@@ -130,7 +131,7 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
     _check_out(out)
     say = _printer(progress)
 
-    models = {k: _load_checkpoint(run, k) for k in MODELS}
+    models = {k: _load_checkpoint(run, k, cfg) for k in MODELS}
     K = models["vqvae"].cfg.num_embeddings
     if {models["atd"].cfg.vocab_size, models["mvtm"].cfg.vocab_size} != {K}:
         raise InputError(run, f"checkpoints disagree on the codebook size: vqvae {K}, atd "
@@ -361,28 +362,38 @@ def _load_config(run: Path) -> RunConfig:
 
 
 def _load_calibration(run: Path) -> dict:
-    """`<run>/calibration.json` ({"lam", "threshold"}) when the run was calibrated, else {}."""
-    path = run / "calibration.json"
-    if not path.exists():
-        return {}
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"cannot read calibration ({e})") from None
-    if not isinstance(d, dict) or not {"lam", "threshold"} <= set(d):
-        raise InputError(path, "calibration must be a JSON object with keys 'lam' and 'threshold'")
-    return {"lam": float(d["lam"]),
-            "threshold": None if d["threshold"] is None else float(d["threshold"])}
+    """`<run>/calibration.json`'s checked {"lam", "threshold"} when the run was calibrated (mimood.thresholds),
+    else {}."""
+    cal = read_calibration(run / "calibration.json")
+    return {} if cal is None else {"lam": float(cal["lam"]),
+                                   "threshold": None if cal["threshold"] is None else float(cal["threshold"])}
 
 
-def _load_checkpoint(run: Path, kind: str):
+def _load_checkpoint(run: Path, kind: str, cfg: RunConfig | None = None):
+    """The run's best `kind` model; with `cfg` (the run's config.json), its own stored config must match."""
     path = run / kind / "best.safetensors"
     if not path.is_file():
         raise InputError(path, f"checkpoint not found (train it: mimood-train {kind})")
     model, info = load_model(path)
     if info["kind"] != kind:
         raise InputError(path, f"holds a {info['kind']} model, expected {kind}")
+    if cfg is not None:
+        _check_config(path, kind, info["config"], cfg)
     return model
+
+
+def _check_config(path: Path, kind: str, stored: dict, cfg: RunConfig) -> None:
+    """A checkpoint trained with other model settings than the run's config.json says (a checkpoint copied from
+    another run, an edited config) would be exported under the wrong preset and restoration parameters: refuse."""
+    section = "vqvae" if kind == "vqvae" else "transformer"
+    said = json.loads(json.dumps(asdict(getattr(cfg, section))))         # tuples -> lists, as stored
+    differ = [k for k in sorted(set(said) | set(stored)) if said.get(k) != stored.get(k)]
+    if differ:
+        k = differ[0]
+        more = f" (and {len(differ) - 1} more settings)" if len(differ) > 1 else ""
+        raise InputError(path, f"trained with {section}.{k} = {json.dumps(stored.get(k))}, but "
+                               f"{path.parent.parent / 'config.json'} (preset {cfg.preset!r}) says "
+                               f"{json.dumps(said.get(k))}{more}: a checkpoint from another run?")
 
 
 def _check_out(out: Path) -> None:
