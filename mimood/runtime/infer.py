@@ -265,7 +265,7 @@ def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, bac
 def _check_out(input: Path, out: Path, cases: list[Case]) -> None:
     """Outputs never go into an input folder: they could overwrite a scan, and a rerun would read them."""
     o = out.resolve()
-    folders = {c.image.resolve().parent for c in cases} | ({input.resolve()} if input.is_dir() else set())
+    folders = {c.image.parent.resolve() for c in cases} | ({input.resolve()} if input.is_dir() else set())
     if any(o == f or f in o.parents for f in folders):
         raise InputError(out, "the output folder must lie outside the input folder")
 
