@@ -41,9 +41,9 @@ import onnxruntime as ort
 import torch
 
 from mimood.config import RunConfig, preset
+from mimood.contract import Manifest
 from mimood.export.export import TOLERANCES, check_graph, validation_slices
 from mimood.export.graphs import GRAPHS, IO_NAMES, ORT_GRAPHS, example_inputs, export_onnx, export_ort
-from mimood.export.manifest import Manifest
 from mimood.models.checkpoint import build_model, load_model
 from mimood.models.graphs import ATDGraph, MVTMStep
 from mimood.restore import TorchEngine, restore

@@ -5,8 +5,8 @@ from click.testing import CliRunner
 from test_export_graphs import make_random_run
 
 from mimood.cli.export import main
+from mimood.contract import Manifest
 from mimood.export import export as ex
-from mimood.export.manifest import Manifest
 
 
 @pytest.fixture(scope="module")

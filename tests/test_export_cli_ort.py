@@ -4,7 +4,7 @@ from click.testing import CliRunner
 from test_export_graphs import make_random_run
 
 from mimood.cli.export import main
-from mimood.export.manifest import Manifest
+from mimood.contract import Manifest
 
 
 def test_export_prints_ort_graph_checks(tmp_path):

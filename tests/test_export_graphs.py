@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from mimood.config import preset
+from mimood.contract import Manifest, file_sha256
 from mimood.data.preprocess import preprocess
 from mimood.data.slices import SliceSet, save_slice_set
 from mimood.errors import InputError
 from mimood.export import export as ex
 from mimood.export.fp16 import node_precisions
 from mimood.export.graphs import GRAPHS, build_modules
-from mimood.export.manifest import Manifest, file_sha256
 from mimood.models.checkpoint import build_model, load_model, save_model
 from mimood.restore import TorchEngine, restore
 

@@ -16,9 +16,9 @@ from onnx import TensorProto, helper
 from onnxscript import ir
 
 from mimood.config import preset
+from mimood.contract import file_sha256
 from mimood.export import export as ex
 from mimood.export.graphs import _COUNT_IN_FLOAT, OPSET, ORT_GRAPHS, build_modules
-from mimood.export.manifest import file_sha256
 from mimood.models.checkpoint import load_model, save_model
 from test_export_graphs import make_random_run
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from mimood.cli.infer import main
-from mimood.export.manifest import Manifest
+from mimood.contract import Manifest
 from mimood.runtime import infer_folder
 from test_runtime import THRESHOLD, tiny_export_folder
 

@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from mimood.config import preset
+from mimood.contract import Manifest, file_sha256, write_atomic
 from mimood.errors import InputError
-from mimood.export.manifest import Manifest, file_sha256, write_atomic
 
 
 def _tiny_graph(path):

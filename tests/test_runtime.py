@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mimood.config import IMAGE_SIZE, preset
+from mimood.contract import Manifest
 from mimood.errors import InputError
-from mimood.export.manifest import Manifest
 from mimood.models.checkpoint import build_model, save_model
 from mimood.runtime import infer_slices, load_engine
 from mimood.runtime.batching import Packer, SliceNoise, run_batch

@@ -53,11 +53,11 @@ import onnx
 import torch
 
 from mimood.config import RunConfig
+from mimood.contract import MANIFEST_NAME, Manifest, file_sha256, write_atomic
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
 from mimood.export.graphs import (GRAPHS, IO_NAMES, OPSET, ORT_GRAPHS, build_modules, example_inputs,
                                   export_fp16, export_onnx, export_ort)
-from mimood.export.manifest import MANIFEST_NAME, Manifest, file_sha256, write_atomic
 from mimood.export.validate import Check, compare, graph_io, run_onnx
 from mimood.models.checkpoint import load_model
 from mimood.ood.scan import OOD_FILE

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mimood.export.manifest import write_atomic
+from mimood.contract import write_atomic
 
 # Ops computed in fp32: normalisation and softmax (the list), reductions, the CumSum /
 # ArgMax / TopK that turn probabilities into tokens, and comparisons (sampling `cdf < u`, the

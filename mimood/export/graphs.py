@@ -60,8 +60,8 @@ from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
 from torch import nn
 
 from mimood.config import GRID, IMAGE_SIZE, RestoreConfig
+from mimood.contract import write_atomic
 from mimood.export.fp16 import downstream_nodes, to_fp16
-from mimood.export.manifest import write_atomic
 from mimood.models.graphs import ATDGraph, DecodeScore, EncodeGraph, MVTMStep
 
 OPSET = 20

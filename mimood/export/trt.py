@@ -31,8 +31,8 @@ import logging
 import re
 from pathlib import Path
 
+from mimood.contract import file_sha256, write_atomic
 from mimood.errors import InputError
-from mimood.export.manifest import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 KEY_FIELDS = ("onnx_sha256", "precision", "tensorrt", "compute_capability")

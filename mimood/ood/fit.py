@@ -36,14 +36,14 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from mimood.config import GRID, RunConfig
+from mimood.contract import file_sha256
 from mimood.data.io import atomic_write
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
-from mimood.export.manifest import file_sha256
 from mimood.models.checkpoint import load_model
 from mimood.models.masks import atd_masks, corrupt
-from mimood.ood.features import PASSES, FeatureGraph, head_weights, mvtm_features
 from mimood.ood.atlas import AtlasFit, position_bins
+from mimood.ood.features import PASSES, FeatureGraph, head_weights, mvtm_features
 from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import (NORMALISED, OOD_FILE, SLICE_SCORES, Aggregation, OODScorer, brain_tokens,
                              pooled_features)

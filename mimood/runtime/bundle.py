@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mimood.config import IMAGE_SIZE, NUM_TOKENS, DataConfig, RestoreConfig, from_dict
+from mimood.contract import MANIFEST_NAME, Manifest, file_sha256
 from mimood.errors import InputError
-from mimood.export.manifest import MANIFEST_NAME, Manifest, file_sha256
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "trt", "ort", "torch")

@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from mimood.contract import current_versions
 from mimood.data.discover import Case, discover
 from mimood.data.preprocess import Slices, preprocess
 from mimood.errors import InputError
-from mimood.export.manifest import current_versions
 from mimood.ood.mirror import mirror_slices
 from mimood.ood.runtime import OODRuntime
 from mimood.ood.scan import SliceParts

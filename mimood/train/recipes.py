@@ -295,7 +295,7 @@ def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path]
 def fit_ood_stage(run: Path, resume: bool, previous: dict, progress: bool = True) -> dict:
     """Fit the OOD statistics of the run's best MVTM into run/ood.safetensors (rank 0 only); the summary entry.
     With `resume`, statistics already fitted on this very MVTM are kept."""
-    from mimood.export.manifest import file_sha256
+    from mimood.contract import file_sha256
     from mimood.ood.fit import fit_ood
     from mimood.ood.scan import OOD_FILE, OODScorer
 
