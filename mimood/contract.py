@@ -1,10 +1,18 @@
-"""`manifest.json`: everything inference needs, written beside the exported graphs.
+"""The export/runtime contract: what an export folder holds and how its files are written, with no torch.
+
+Three parts, each used by both sides (the exporter writes, the runtime reads and checks):
+- files: `file_sha256` (the identity of a graph, engine or checkpoint) and `atomic_write`, the project's one
+  way of writing a file (temporary name beside it, renamed when complete);
+- graphs: the four loop steps (`GRAPHS`, in loop order), the tensor names, static shapes and dtypes of their
+  inputs and outputs for B slices and R restorations (`expected_io`, `IO_NAMES`), the checkpoints the torch
+  backend needs (`WEIGHTS`) and `graph_io`, which reads a graph file's I/O (with `onnx`, imported only there);
+- `manifest.json`: everything inference needs, written beside the exported graphs.
 
 An export folder is self-describing: the runtime reads shapes, precisions, the restoration
 parameters (lambda, T, R, temperature, pooling), the calibrated threshold and the preprocessing
 parameters from here and never imports `mimood.train`. Each graph is recorded with its SHA-256,
 so `verify` notices a graph that was replaced or edited after export. TensorRT engines are not
-listed: they belong to one machine and are keyed and checked by `mimood.export.trt`.
+listed: they belong to one machine and are keyed and checked by `mimood.runtime.trt`.
 """
 from __future__ import annotations
 
@@ -12,14 +20,15 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
+import secrets
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from mimood.config import GRID, RunConfig
+from mimood.config import GRID, IMAGE_SIZE, NUM_TOKENS, RunConfig
 from mimood.errors import InputError
 
 FORMAT_VERSION = 1
@@ -35,20 +44,87 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temporary file in the same folder and rename it over `path`, so a reader
-    never sees a half-written graph, engine or manifest."""
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds, so a reader
+    never sees a half-written map, graph, engine or manifest (the project's one writer: bytes, text, nibabel,
+    numpy and safetensors writers all write to the yielded path).
+
+    The temporary name keeps the full suffix (`.nii.gz`, `.npz`, `.png`) so that writers which pick the format
+    from the name do the right thing, and is unique per call (process id and a random part), so two writers of
+    the same file, in two processes or two threads, never share a temporary. The file itself is created by the
+    caller's writer, with the usual permissions. The parent folder is created if needed.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
+# -- graphs ----------------------------------------------------------------------------------------------------
+GRAPHS = ("encode", "atd", "mvtm_step", "decode_score")   # the loop steps, in loop order
+WEIGHTS = ("vqvae", "atd", "mvtm")                        # checkpoints in <export>/weights/ (the torch backend)
+
+
+def expected_io(B: int, R: int) -> dict[str, dict[str, dict[str, tuple[list[int], str]]]]:
+    """graph -> {"inputs"/"outputs": {tensor name: (static shape, numpy dtype name)}} for B slices, R copies:
+    the contract of the exported graphs (mimood.export.graphs) and of every runtime backend; fp16 graphs keep
+    the same fp32/int32/bool I/O. Rows of B*R are slice-major (row b*R + r is restoration r of slice b)."""
+    H, N, BR = IMAGE_SIZE, NUM_TOKENS, B * R
+    shapes = {
+        "encode": ({"x": ([B, 1, H, H], "float32")}, {"tokens": ([B, N], "int32")}),
+        "atd": ({"tokens": ([BR, N], "int32")}, {"probs": ([BR, N], "float32")}),
+        "mvtm_step": ({"tokens": ([BR, N], "int32"), "mask": ([BR, N], "bool"),
+                       "noise": ([BR, N], "float32")}, {"tokens_out": ([BR, N], "int32")}),
+        "decode_score": ({"tokens": ([BR, N], "int32"), "x": ([B, 1, H, H], "float32")},
+                         {"maps": ([B, H, H], "float32")}),
+    }
+    return {name: {"inputs": ins, "outputs": outs} for name, (ins, outs) in shapes.items()}
+
+
+# graph -> (input names, output names), in the graphs' order
+IO_NAMES = {g: (list(io["inputs"]), list(io["outputs"])) for g, io in expected_io(1, 1).items()}
+
+
+def recorded_io(entry: dict) -> dict[str, dict[str, tuple[list[int], str]]]:
+    """The I/O of a manifest graph entry ({"inputs": {name: [shape, dtype]}, ...}) in `expected_io`'s form."""
+    return {side: {k: (list(v[0]), v[1]) for k, v in entry[side].items()} for side in ("inputs", "outputs")}
+
+
+def graph_io(path: str | Path) -> dict[str, dict[str, list]]:
+    """A graph file's {"inputs": {name: [shape, dtype]}, "outputs": {...}}; a symbolic dim is its name (or None).
+    Reads the file with `onnx` (the exporter's dependency: the runtime uses the I/O recorded in the manifest)."""
+    import numpy as np
+    import onnx
+
+    def value_io(values) -> dict[str, list]:
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            out[v.name] = [shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name]
+        return out
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise InputError(path, "ONNX file not found") from None
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InputError(path, f"not an ONNX graph: {e}") from None
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    return {"inputs": value_io(inputs), "outputs": value_io(model.graph.output)}
+
+
+# -- manifest.json -----------------------------------------------------------------------------------------------
 def current_versions() -> dict[str, str]:
     """Versions of the packages that produced (or will read) the graphs."""
     out = {"python": platform.python_version()}
@@ -102,15 +178,14 @@ class Manifest:
 
     def add_graph(self, name: str, path: str | Path, precision: str) -> None:
         """Record a graph file that lies in the manifest's folder: its hash and I/O signature."""
-        from mimood.export.validate import graph_io  # onnx is only needed when graphs are added
-
         path = Path(path)
         self.graphs[name] = {"file": path.name, "sha256": file_sha256(path),
                              "precision": precision, **graph_io(path)}
 
     def save(self, path: str | Path) -> None:
         text = json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-        write_atomic(path, text.encode())
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":

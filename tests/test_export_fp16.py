@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mimood.contract import graph_io
 from mimood.errors import InputError
 from mimood.export.fp16 import downstream_nodes, node_precisions, to_fp16
-from mimood.export.validate import compare, graph_io, run_onnx
+from mimood.export.validate import compare, run_onnx
 
 K, D, B, N = 16, 32, 4, 50
 

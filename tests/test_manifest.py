@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mimood.config import preset
-from mimood.contract import Manifest, file_sha256, write_atomic
+from mimood.contract import Manifest, atomic_write, file_sha256
 from mimood.errors import InputError
 
 
@@ -89,9 +89,21 @@ def test_load_rejects_unknown_and_missing_keys(tmp_path):
         Manifest.load(tmp_path)
 
 
-def test_write_atomic_replaces_whole_file(tmp_path):
+def test_atomic_write_replaces_whole_file(tmp_path):
     p = tmp_path / "f.bin"
-    write_atomic(p, b"first")
-    write_atomic(p, np.arange(3, dtype=np.int32).tobytes())
+    with atomic_write(p) as tmp:
+        tmp.write_bytes(b"first")
+    with atomic_write(p) as tmp:
+        tmp.write_bytes(np.arange(3, dtype=np.int32).tobytes())
     assert np.frombuffer(p.read_bytes(), np.int32).tolist() == [0, 1, 2]
     assert [q.name for q in tmp_path.iterdir()] == ["f.bin"]   # no temporary left behind
+
+
+def test_atomic_write_temporaries_are_unique_per_call(tmp_path):
+    """Two writers of one file at once (threads of one process) never share a temporary; the last rename wins."""
+    p = tmp_path / "map.nii.gz"
+    with atomic_write(p) as a, atomic_write(p) as b:
+        assert a != b and a.name.endswith(".nii.gz") and b.name.endswith(".nii.gz")
+        a.write_text("a")
+        b.write_text("b")
+    assert p.read_text() == "a" and [q.name for q in tmp_path.iterdir()] == ["map.nii.gz"]

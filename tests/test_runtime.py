@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from mimood.config import IMAGE_SIZE, preset
-from mimood.contract import Manifest
+from mimood.contract import GRAPHS, Manifest, expected_io
 from mimood.errors import InputError
 from mimood.models.checkpoint import build_model, save_model
 from mimood.runtime import infer_slices, load_engine
 from mimood.runtime.batching import Packer, SliceNoise, run_batch
-from mimood.runtime.bundle import GRAPHS, Bundle, expected_io
+from mimood.runtime.bundle import Bundle
 
 B, R = 4, 2
 THRESHOLD = 0.1            # random models: between the median and the 99th percentile of map values
@@ -204,7 +204,7 @@ def test_fp16_picks_the_half_precision_graph_of_each_step_that_has_one(tiny_expo
 
 def test_trt_plan_binds_the_export_graphs(tiny_export):
     """Everything the TensorRT engine does before TensorRT itself: the ONNX file of each step and the
-    tensors its session binds, read from the graph file."""
+    tensors its session binds, as the manifest records the (hash-checked) graph file."""
     from mimood.runtime.trt_backend import trt_plan
 
     plan = trt_plan(Bundle.open(tiny_export), "fp32")

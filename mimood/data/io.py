@@ -23,13 +23,12 @@ import os
 import struct
 import warnings
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
 
+from mimood.contract import atomic_write  # the project's one writer; data.io.atomic_write stays its name here
 from mimood.data.header import MAX_VOXELS, check_geometry, declared_size, nibabel_messages
 from mimood.errors import InputError, InputWarning
 
@@ -276,26 +275,6 @@ def _copy_forms(out: nib.Nifti1Image, header, affine: np.ndarray) -> None:
         scode = 2  # nibabel's default ("aligned"): without any code the affine would be lost on disk
     out.set_sform(affine, code=scode)
     out.set_qform(affine, code=qcode)
-
-
-@contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    The temporary name keeps the full suffix (`.nii.gz`, `.npz`, `.png`) so that writers which pick
-    the format from the name do the right thing. The parent folder is created if needed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, header_like: nib.Nifti1Image | None,

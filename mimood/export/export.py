@@ -53,12 +53,12 @@ import onnx
 import torch
 
 from mimood.config import RunConfig
-from mimood.contract import MANIFEST_NAME, Manifest, file_sha256, write_atomic
+from mimood.contract import MANIFEST_NAME, Manifest, atomic_write, file_sha256, graph_io
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
 from mimood.export.graphs import (GRAPHS, IO_NAMES, OPSET, ORT_GRAPHS, build_modules, example_inputs,
                                   export_fp16, export_onnx, export_ort)
-from mimood.export.validate import Check, compare, graph_io, run_onnx
+from mimood.export.validate import Check, compare, run_onnx
 from mimood.models.checkpoint import load_model
 from mimood.ood.scan import OOD_FILE
 from mimood.thresholds import read_calibration
@@ -228,7 +228,8 @@ def export_ood(run: Path, folder: Path, mvtm, batch: int, manifest: Manifest, x:
     onnx.checker.check_model(program.model_proto, full_check=True)
     buf = io.BytesIO()
     onnx.save(program.model_proto, buf)
-    write_atomic(path, buf.getvalue())
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
     if x is not None:
         with torch.no_grad():
             want = graph(tokens).numpy()

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mimood.contract import write_atomic
+from mimood.contract import atomic_write
 
 # Ops computed in fp32: normalisation and softmax (the list), reductions, the CumSum /
 # ArgMax / TopK that turn probabilities into tokens, and comparisons (sampling `cdf < u`, the
@@ -133,7 +133,8 @@ def to_fp16(src: str | Path, dst: str | Path, keep_fp32_ops: Sequence[str] = KEE
             nodes_to_exclude=[f"^{re.escape(n)}$" for n in fp32_nodes],
             data_max=np.inf)  # inf: classify by op type and name only, run no reference inference
     onnx.checker.check_model(out)
-    write_atomic(dst, out.SerializeToString())
+    with atomic_write(dst) as tmp:
+        tmp.write_bytes(out.SerializeToString())
 
     precisions = node_precisions(out)
     inits = [i.data_type for i in out.graph.initializer]

@@ -60,20 +60,13 @@ from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
 from torch import nn
 
 from mimood.config import GRID, IMAGE_SIZE, RestoreConfig
-from mimood.contract import write_atomic
+from mimood.contract import GRAPHS, IO_NAMES, atomic_write  # graph names and I/O: the contract's
 from mimood.export.fp16 import downstream_nodes, to_fp16
 from mimood.models.graphs import ATDGraph, DecodeScore, EncodeGraph, MVTMStep
 
 OPSET = 20
 N = GRID * GRID
-GRAPHS = ("encode", "atd", "mvtm_step", "decode_score")   # in loop order
-ORT_GRAPHS = ("atd", "mvtm_step")                          # those with an onnxruntime-only copy (export_ort)
-IO_NAMES = {                                               # graph -> (input names, output names)
-    "encode": (["x"], ["tokens"]),
-    "atd": (["tokens"], ["probs"]),
-    "mvtm_step": (["tokens", "mask", "noise"], ["tokens_out"]),
-    "decode_score": (["tokens", "x"], ["maps"]),
-}
+ORT_GRAPHS = ("atd", "mvtm_step")     # those with an onnxruntime-only copy (export_ort)
 
 
 def build_modules(vqvae: nn.Module, atd: nn.Module, mvtm: nn.Module, cfg: RestoreConfig, R: int
@@ -111,7 +104,8 @@ def export_onnx(name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], 
     onnx.checker.check_model(model, full_check=True)     # full_check: shape inference must succeed too
     buf = io.BytesIO()
     onnx.save(model, buf)
-    write_atomic(path, buf.getvalue())
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def fp32_nodes(name: str, model: onnx.ModelProto) -> list[str]:
@@ -172,7 +166,8 @@ def export_ort(src: str | Path, dst: str | Path) -> dict[str, int]:
     onnx.checker.check_model(proto, full_check=True)
     buf = io.BytesIO()
     onnx.save(proto, buf)
-    write_atomic(dst, buf.getvalue())
+    with atomic_write(dst) as tmp:
+        tmp.write_bytes(buf.getvalue())
     return counts
 
 

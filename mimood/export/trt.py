@@ -31,7 +31,7 @@ import logging
 import re
 from pathlib import Path
 
-from mimood.contract import file_sha256, write_atomic
+from mimood.contract import atomic_write, file_sha256
 from mimood.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,12 @@ def save_engine(onnx_path: str | Path, precision: str, trt_version: str, compute
     fields = _fields(file_sha256(onnx_path), precision, trt_version, compute_capability)
     key = _key(fields)
     path = engine_path(onnx_path, key)
-    write_atomic(path, engine_bytes)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(engine_bytes)
     meta = {**fields, "key": key, "onnx_file": Path(onnx_path).name,
             "engine_sha256": hashlib.sha256(engine_bytes).hexdigest()}
-    write_atomic(_sidecar(path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    with atomic_write(_sidecar(path)) as tmp:
+        tmp.write_bytes((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
@@ -175,7 +177,8 @@ def build_engine(onnx_path: str | Path, precision: str, timing_cache: str | Path
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
-    write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    with atomic_write(timing_cache) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     trt_version, capability = current_platform()
     return save_engine(onnx_path, precision, trt_version, capability, bytes(serialized))
 

@@ -1,4 +1,4 @@
-"""Checking exported graphs: run them in onnxruntime, compare with PyTorch, read their I/O.
+"""Checking exported graphs: run them in onnxruntime and compare with PyTorch (their I/O: `mimood.contract.graph_io`).
 
 Every graph is compared with the PyTorch module it came from before the export calls it done;
 the `Check` results go into the manifest. Float outputs pass when every element is within
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from mimood.errors import InputError
 
@@ -75,27 +74,3 @@ def compare(name: str, got, want, atol: float, rtol: float = 0.0,
     return Check(name=name, passed=share <= max_mismatch_share, max_abs_err=max_err,
                  mismatch_share=share, atol=atol, rtol=rtol,
                  max_mismatch_share=max_mismatch_share)
-
-
-def _value_io(values) -> dict[str, list]:
-    out = {}
-    for v in values:
-        t = v.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                 for d in t.shape.dim]
-        out[v.name] = [shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name]
-    return out
-
-
-def graph_io(path: str | Path) -> dict[str, dict[str, list]]:
-    """{"inputs": {name: [shape, dtype]}, "outputs": {...}}; a symbolic dim is its name (or None)."""
-    path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise InputError(path, "ONNX file not found") from None
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise InputError(path, f"not an ONNX graph: {e}") from None
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in initializers]
-    return {"inputs": _value_io(inputs), "outputs": _value_io(model.graph.output)}

@@ -13,33 +13,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mimood.config import IMAGE_SIZE, NUM_TOKENS, DataConfig, RestoreConfig, from_dict
-from mimood.contract import MANIFEST_NAME, Manifest, file_sha256
+from mimood.config import DataConfig, RestoreConfig, from_dict
+from mimood.contract import GRAPHS, MANIFEST_NAME, Manifest, expected_io, file_sha256, recorded_io
 from mimood.errors import InputError
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "trt", "ort", "torch")
 PRECISIONS = ("fp32", "fp16", "bf16")      # bf16: the torch backend's autocast only (no bf16 graphs)
-# The loop steps in loop order, as `mimood.export.graphs.GRAPHS` names them (not imported from there: that
-# module loads torch and MONAI for the exporter; tests/test_runtime.py checks the two agree).
-GRAPHS = ("encode", "atd", "mvtm_step", "decode_score")
-WEIGHTS = ("vqvae", "atd", "mvtm")
-
-
-def expected_io(B: int, R: int) -> dict[str, dict[str, dict[str, tuple[list[int], str]]]]:
-    """graph -> {"inputs"/"outputs": {tensor name: (static shape, numpy dtype name)}} for B slices, R copies:
-    the contract of `mimood.export.graphs` (same tensor names as its IO_NAMES, which the tests check); fp16
-    graphs keep the same fp32/int32/bool I/O."""
-    H, N, BR = IMAGE_SIZE, NUM_TOKENS, B * R
-    shapes = {
-        "encode": ({"x": ([B, 1, H, H], "float32")}, {"tokens": ([B, N], "int32")}),
-        "atd": ({"tokens": ([BR, N], "int32")}, {"probs": ([BR, N], "float32")}),
-        "mvtm_step": ({"tokens": ([BR, N], "int32"), "mask": ([BR, N], "bool"),
-                       "noise": ([BR, N], "float32")}, {"tokens_out": ([BR, N], "int32")}),
-        "decode_score": ({"tokens": ([BR, N], "int32"), "x": ([B, 1, H, H], "float32")},
-                         {"maps": ([B, H, H], "float32")}),
-    }
-    return {name: {"inputs": ins, "outputs": outs} for name, (ins, outs) in shapes.items()}
 
 
 @dataclass
@@ -66,7 +46,7 @@ class Bundle:
             if _base(key) not in GRAPHS:
                 raise InputError(folder / MANIFEST_NAME, f"graph {key!r} is not one of the loop steps {GRAPHS}")
             io = want[_base(key)]
-            got = {side: {k: (list(v[0]), v[1]) for k, v in g[side].items()} for side in ("inputs", "outputs")}
+            got = recorded_io(g)
             if got != io:
                 raise InputError(folder / g["file"], f"graph I/O {got} does not match the loop contract {io} "
                                                      f"for batch {manifest.batch}, R {manifest.R}")
@@ -101,7 +81,7 @@ class Bundle:
         if file_sha256(path) != g["sha256"]:
             raise InputError(path, f"onnxruntime graph for '{name}' differs from the exported one (sha256 mismatch)")
         want = expected_io(self.manifest.batch, self.manifest.R)[name]
-        got = {side: {k: (list(v[0]), v[1]) for k, v in g[side].items()} for side in ("inputs", "outputs")}
+        got = recorded_io(g)
         if got != want:
             raise InputError(path, f"graph I/O {got} does not match the loop contract {want}")
         return path

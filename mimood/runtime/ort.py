@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mimood.contract import GRAPHS
 from mimood.errors import InputError
-from mimood.runtime.bundle import GRAPHS, Bundle
+from mimood.runtime.bundle import Bundle
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 

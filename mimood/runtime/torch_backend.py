@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from mimood.contract import WEIGHTS
 from mimood.models.checkpoint import load_model
 from mimood.restore import TorchEngine
-from mimood.runtime.bundle import WEIGHTS, Bundle
+from mimood.runtime.bundle import Bundle
 
 
 def load_torch_engine(bundle: Bundle, precision: str = "fp32", device: str | None = None,

@@ -4,8 +4,10 @@ on the current torch stream). Arrays are torch CUDA tensors, so the restoration 
 (repeat, threshold, count) run on the GPU between engine calls.
 
 `trt_plan` is everything up to the engines: which ONNX file each step uses and the tensors its session will
-bind (names, static shapes, dtypes), checked against the graph file itself. It needs neither TensorRT nor a
-GPU, so it is tested everywhere; `TrtEngine` checks the built engines' bindings against the same plan.
+bind (names, static shapes, dtypes), read from the manifest's record of that file (whose bytes `Bundle.open`
+checked against the recorded hash, so the record is the file's own I/O; no `onnx` package is needed) and
+checked against the loop contract. It needs neither TensorRT nor a GPU, so it is tested everywhere;
+`TrtEngine` checks the built engines' bindings against the same plan.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mimood.contract import GRAPHS, expected_io, recorded_io
 from mimood.errors import InputError
 from mimood.export.trt import TrtSession, ensure_engine, trt_available
-from mimood.export.validate import graph_io
-from mimood.runtime.bundle import GRAPHS, Bundle, expected_io
+from mimood.runtime.bundle import Bundle
 
 TIMING_CACHE = "timing.cache"           # in the export folder, shared by its engines (as mimood-export)
 
@@ -31,17 +33,16 @@ class StepPlan:
 
 
 def trt_plan(bundle: Bundle, precision: str = "fp32") -> dict[str, StepPlan]:
-    """Loop step -> the ONNX file an engine is built from and the I/O it binds (read from the file)."""
+    """Loop step -> the ONNX file an engine is built from and the I/O it binds (the manifest's record of it)."""
     want = expected_io(bundle.manifest.batch, bundle.manifest.R)
     plan = {}
     for step in GRAPHS:
         path = bundle.graph(step, precision)
-        io = graph_io(path)
-        got = {side: {k: (list(v[0]), v[1]) for k, v in io[side].items()} for side in ("inputs", "outputs")}
+        entry = next(g for g in bundle.manifest.graphs.values() if g["file"] == path.name)
+        got = recorded_io(entry)
         if got != want[step]:
             raise InputError(path, f"graph I/O {got} does not match the loop contract {want[step]}")
-        used = next(g["precision"] for g in bundle.manifest.graphs.values() if g["file"] == path.name)
-        plan[step] = StepPlan(path, used, got["inputs"], got["outputs"])
+        plan[step] = StepPlan(path, entry["precision"], got["inputs"], got["outputs"])
     return plan
 
 
