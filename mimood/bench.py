@@ -304,7 +304,7 @@ def plan_paths(device: str, wanted: list[str] | None = None) -> tuple[list[tuple
     the reference is always timed."""
     import onnxruntime as ort
 
-    from mimood.export.trt import trt_available
+    from mimood.runtime.trt import trt_available
     gpu = device.startswith("cuda")
     trt_ok, trt_why = trt_available()
     ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()

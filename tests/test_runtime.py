@@ -230,7 +230,7 @@ def test_trt_plan_rejects_a_graph_of_other_shapes(tiny_export, tmp_path):
 
 
 def test_trt_backend_without_tensorrt_is_a_clear_error(tiny_export):
-    from mimood.export.trt import trt_available
+    from mimood.runtime.trt import trt_available
 
     if trt_available()[0]:
         pytest.skip("TensorRT and a GPU are present")
@@ -240,7 +240,7 @@ def test_trt_backend_without_tensorrt_is_a_clear_error(tiny_export):
 
 @pytest.mark.trt
 def test_trt_engine_matches_ort(tiny_export, tmp_path):
-    from mimood.export.trt import trt_available
+    from mimood.runtime.trt import trt_available
 
     ok, why = trt_available()
     if not ok:

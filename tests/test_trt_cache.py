@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from mimood.export import trt as T
+from mimood.runtime import trt as T
 
 FIELDS = dict(precision="fp16", trt_version="11.4.0", compute_capability="9.0")
 
@@ -27,7 +27,7 @@ def graph(tmp_path):
 
 
 def test_module_imports_without_tensorrt():
-    code = "import sys, mimood.export.trt; assert 'tensorrt' not in sys.modules"
+    code = "import sys, mimood.runtime.trt; assert 'tensorrt' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -53,7 +53,7 @@ def test_find_engine_accepts_only_a_matching_sidecar(graph, caplog):
     assert T.find_engine(graph, **FIELDS) == path
 
     # engines for another TensorRT, GPU or precision are skipped but kept for their machine
-    with caplog.at_level(logging.INFO, logger="mimood.export.trt"):
+    with caplog.at_level(logging.INFO, logger="mimood.runtime.trt"):
         for name, other in [("trt_version", "10.13.0"), ("compute_capability", "8.9"),
                             ("precision", "fp32")]:
             assert T.find_engine(graph, **{**FIELDS, name: other}) is None, name
@@ -62,7 +62,7 @@ def test_find_engine_accepts_only_a_matching_sidecar(graph, caplog):
 
     # the graph changed: the engine can never be valid again and is deleted
     graph.write_bytes(b"pretend onnx bytes v2")
-    with caplog.at_level(logging.WARNING, logger="mimood.export.trt"):
+    with caplog.at_level(logging.WARNING, logger="mimood.runtime.trt"):
         assert T.find_engine(graph, **FIELDS) is None
     assert not path.exists() and not sidecar.exists()
     assert "atd.onnx changed" in caplog.text
@@ -86,7 +86,7 @@ def test_find_engine_deletes_inconsistent_engines(graph, caplog, damage, why):
         sidecar.unlink()
     else:
         sidecar.write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="mimood.export.trt"):
+    with caplog.at_level(logging.WARNING, logger="mimood.runtime.trt"):
         assert T.find_engine(graph, **FIELDS) is None
     assert why in caplog.text and not path.exists() and not sidecar.exists()
 

@@ -325,7 +325,7 @@ def reference_io(modules: dict, x: torch.Tensor, R: int, lam: float
 
 def make_engines(folder: Path, keys: list[str], manifest: Manifest, say) -> str:
     """Build (or find cached) TensorRT engines for the graphs `keys` in `folder`; returns one status line."""
-    from mimood.export.trt import ensure_engine, find_engine, trt_available
+    from mimood.runtime.trt import ensure_engine, find_engine, trt_available
 
     ok, why = trt_available()
     if not ok:

@@ -59,7 +59,7 @@ def pick_backend(device: str | None = None) -> tuple[str, str]:
     faster than torch eager: cpu preset (B 32, R 4, T 8), one 155-slice BraTS volume on an idle 2-core CPU,
     42.9 s vs 62.3 s (benchmarks/README.md). The GPU order (TensorRT, then CUDA graphs, then
     onnxruntime-CUDA) is by expectation, not yet measured."""
-    from mimood.export.trt import trt_available
+    from mimood.runtime.trt import trt_available
 
     if device != "cpu":
         ok, why = trt_available()

@@ -1,4 +1,4 @@
-"""The TensorRT backend: one cached engine per loop step (`mimood.export.trt.ensure_engine`, built on first use
+"""The TensorRT backend: one cached engine per loop step (`mimood.runtime.trt.ensure_engine`, built on first use
 beside its ONNX file), each run by a `TrtSession` (device buffers allocated and bound once, `execute_async_v3`
 on the current torch stream). Arrays are torch CUDA tensors, so the restoration loop's own operations
 (repeat, threshold, count) run on the GPU between engine calls.
@@ -18,8 +18,8 @@ import numpy as np
 
 from mimood.contract import GRAPHS, expected_io, recorded_io
 from mimood.errors import InputError
-from mimood.export.trt import TrtSession, ensure_engine, trt_available
 from mimood.runtime.bundle import Bundle
+from mimood.runtime.trt import TrtSession, ensure_engine, trt_available
 
 TIMING_CACHE = "timing.cache"           # in the export folder, shared by its engines (as mimood-export)
 
