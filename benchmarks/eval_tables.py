@@ -130,7 +130,8 @@ def diagnose(args) -> None:
     from mimood.data.discover import discover
     from mimood.data.preprocess import preprocess
     from mimood.eval.metrics import pixel_metrics, token_metrics
-    from mimood.restore import TorchEngine, restore
+    from mimood.restore import restore
+    from mimood.runtime.torch_backend import TorchEngine
     run, cal = calibrated_run(args)
     run_cfg = RunConfig.load(run / "config.json")
     cfg, models = run_cfg.restore, load_models(run, ["mimood"])

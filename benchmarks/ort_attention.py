@@ -46,8 +46,9 @@ from mimood.export.export import TOLERANCES, check_graph, validation_slices
 from mimood.export.graphs import GRAPHS, IO_NAMES, ORT_GRAPHS, example_inputs, export_onnx, export_ort
 from mimood.models.checkpoint import build_model, load_model
 from mimood.models.graphs import ATDGraph, MVTMStep
-from mimood.restore import TorchEngine, restore
+from mimood.restore import restore
 from mimood.runtime.ort import OrtEngine
+from mimood.runtime.torch_backend import TorchEngine
 
 L = ort.GraphOptimizationLevel
 SESSIONS = {  # name -> (intra-op threads for `wall` (0 = onnxruntime's default), config entries, level)

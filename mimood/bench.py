@@ -49,7 +49,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mimood.config import NUM_TOKENS, RunConfig, preset as make_preset
-from mimood.restore import TorchEngine, restore
+from mimood.restore import restore
+from mimood.runtime.torch_backend import TorchEngine
 
 REFERENCE = "torch fp32 eager"
 STAGES = ("encode", "detect", "mvtm_step", "decode_score")

@@ -8,10 +8,12 @@
         tokens[mask] ~ MVTM(tokens with mask -> [MASK])  (independent draws at temperature 1)
     map = mean_R  brain * avgpool(minpool(|decode(tokens) - x|))
 
-Every backend (the PyTorch reference below, onnxruntime, TensorRT, torch with CUDA graphs) implements the small
-`Engine` interface and runs through `restore()`, so the backends cannot drift apart. The uniform noise of each
-step comes from one numpy generator on the host by default, so two backends given the same seed draw the same
-samples; an engine may offer device-side noise (`noise="device"`) where the host copy would cost time.
+Every backend (the PyTorch reference `mimood.runtime.torch_backend.TorchEngine`, onnxruntime, TensorRT, torch
+with CUDA graphs) implements the small `Engine` interface and runs through `restore()`, so the backends cannot
+drift apart. This module is numpy only: the engines own their arrays (numpy, torch CPU/CUDA tensors) and the
+loop touches them only through the engine's methods and `>`, `.sum()` and `.shape`. The uniform noise of each
+step comes from one numpy generator on the host, so two backends given the same seed draw the same samples
+(one [B*R, N] float32 copy to the device per step: 200 kB at B*R = 128, negligible next to a transformer pass).
 """
 from __future__ import annotations
 
@@ -19,10 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from mimood.config import RestoreConfig
-from mimood.models.graphs import ATDGraph, DecodeScore, EncodeGraph, MVTMStep
 
 
 class Engine(Protocol):
@@ -49,8 +49,7 @@ class Restoration:
 
 
 def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Generator | None = None,
-            lam: float | None = None, keep_tokens: bool = False, noise: str = "host",
-            early_stop: bool = True) -> Restoration:
+            lam: float | None = None, keep_tokens: bool = False, early_stop: bool = True) -> Restoration:
     """Restore a batch x [B,1,H,W] float32 (values in [0,1], background 0) and return its anomaly maps.
 
     lam overrides cfg.lam (the detector threshold). rng draws the sampling noise (default: seeded by cfg.seed).
@@ -72,75 +71,10 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
         masked.append(n)
         if n == 0 and early_stop:
             break
-        u = engine.rand(tuple(mask.shape)) if noise == "device" else \
-            engine.put(rng.random(tuple(mask.shape), dtype=np.float32))
+        u = engine.put(rng.random(tuple(mask.shape), dtype=np.float32))      # [B*R, N] in [0, 1)
         tokens = engine.mvtm_step(tokens, mask, u)
     maps = engine.get(engine.decode_score(tokens, xd))
     if token_scores is None:                                                 # T == 0
         token_scores = engine.get(engine.detect(tokens))[:: engine.R]
     return Restoration(maps, token_scores, masked, engine.get(tokens) if keep_tokens else None,
                        engine.get(encoded))
-
-
-class TorchEngine:
-    """The PyTorch reference engine: the four graph modules in eager mode (fp32 unless `autocast` names a
-    dtype). `detector="mvtm_nll"` swaps the ATD for the MVTM likelihood baseline (see mimood.eval)."""
-
-    def __init__(self, vqvae, atd, mvtm, cfg: RestoreConfig, device: str | torch.device = "cpu",
-                 autocast: torch.dtype | None = None, detector=None):
-        self.name = "torch"
-        self.R = cfg.R
-        self.device = torch.device(device)
-        self.autocast = autocast
-        self.encoder = EncodeGraph(vqvae).to(self.device).eval()
-        self.detector = (ATDGraph(atd) if detector is None else detector).to(self.device).eval()
-        self.sampler = MVTMStep(mvtm, cfg.temperature).to(self.device).eval()
-        self.scorer = DecodeScore(vqvae, cfg.R, cfg.min_pool, cfg.avg_pool).to(self.device).eval()
-
-    @classmethod
-    def from_run(cls, run, cfg: RestoreConfig | None = None, **kwargs) -> "TorchEngine":
-        """Load the best checkpoints of a run folder."""
-        from pathlib import Path
-
-        from mimood.config import RunConfig
-        from mimood.models.checkpoint import load_model
-        run = Path(run)
-        cfg = cfg or RunConfig.load(run / "config.json").restore
-        models = {k: load_model(run / k / "best.safetensors")[0] for k in ("vqvae", "atd", "mvtm")}
-        return cls(models["vqvae"], models["atd"], models["mvtm"], cfg, **kwargs)
-
-    def _ctx(self):
-        return torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                              enabled=self.autocast is not None)
-
-    def put(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(self.device)
-
-    def get(self, a: torch.Tensor) -> np.ndarray:
-        return a.detach().float().cpu().numpy() if a.is_floating_point() else a.detach().cpu().numpy()
-
-    def rand(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.rand(shape, device=self.device)
-
-    def repeat(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens.repeat_interleave(self.R, dim=0)
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        with self._ctx():
-            return self.encoder(x)
-
-    @torch.no_grad()
-    def detect(self, tokens: torch.Tensor) -> torch.Tensor:
-        with self._ctx():
-            return self.detector(tokens).float()
-
-    @torch.no_grad()
-    def mvtm_step(self, tokens: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        with self._ctx():
-            return self.sampler(tokens, mask, noise)
-
-    @torch.no_grad()
-    def decode_score(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        with self._ctx():
-            return self.scorer(tokens, x).float()

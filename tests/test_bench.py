@@ -10,7 +10,7 @@ from mimood.bench import loop_flops
 from mimood.cli.bench import main
 from mimood.config import preset
 from mimood.models.checkpoint import build_model
-from mimood.restore import TorchEngine
+from mimood.runtime.torch_backend import TorchEngine
 
 
 def test_loop_flops_per_iteration_match_hand_count():

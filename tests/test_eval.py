@@ -26,7 +26,8 @@ from mimood.models.transformer import TokenTransformer
 from mimood.models.vqvae import VQVAE
 from mimood.ood.fit import OODFitConfig, fit_ood
 from mimood.ood.scan import brain_share
-from mimood.restore import TorchEngine, restore
+from mimood.restore import restore
+from mimood.runtime.torch_backend import TorchEngine
 
 CFG = preset("tiny")
 METHODS = ("mimood", "ar", "mvtm_likelihood", "intensity")

@@ -27,7 +27,8 @@ from mimood.export import export as ex
 from mimood.export.fp16 import node_precisions
 from mimood.export.graphs import GRAPHS, build_modules
 from mimood.models.checkpoint import build_model, load_model, save_model
-from mimood.restore import TorchEngine, restore
+from mimood.restore import restore
+from mimood.runtime.torch_backend import TorchEngine
 
 B = 4
 LAM = 0.004          # calibration.json's lambda (the config's is 0.005: the calibrated one must win)

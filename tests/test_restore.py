@@ -8,7 +8,8 @@ from mimood.config import NUM_TOKENS, preset
 from mimood.models.graphs import DecodeScore, EncodeGraph
 from mimood.models.transformer import TokenTransformer
 from mimood.models.vqvae import VQVAE
-from mimood.restore import TorchEngine, restore
+from mimood.restore import restore
+from mimood.runtime.torch_backend import TorchEngine
 
 CFG = preset("tiny")
 

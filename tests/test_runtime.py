@@ -256,8 +256,7 @@ def test_trt_engine_matches_ort(tiny_export, tmp_path):
 def test_cuda_graph_engine_matches_torch_eager(tiny_export):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from mimood.restore import TorchEngine
-    from mimood.runtime.torch_backend import CudaGraphEngine
+    from mimood.runtime.torch_backend import CudaGraphEngine, TorchEngine
 
     graphs = load_engine(tiny_export, "torch", device="cuda")
     eager = load_engine(tiny_export, "torch", device="cpu")

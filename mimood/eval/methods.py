@@ -28,7 +28,8 @@ import torch
 
 from mimood.models.graphs import ATDGraph, smooth_residual
 from mimood.models.checkpoint import load_model
-from mimood.restore import TorchEngine, restore
+from mimood.restore import restore
+from mimood.runtime.torch_backend import TorchEngine
 
 METHODS = ("mimood", "mimood_paper", "ar", "mvtm_likelihood", "token_critic", "intensity", "dae")
 MODELS = {"mimood": ("vqvae", "atd", "mvtm"), "mimood_paper": ("vqvae", "atd_paper", "mvtm"),

@@ -169,7 +169,8 @@ def load_cases(run: str | Path, data: str | Path, modality: str = "t2", max_case
     from mimood.data.preprocess import preprocess
     from mimood.eval.calibrate import encode_slices, load_calibration
     from mimood.models.checkpoint import load_model
-    from mimood.restore import TorchEngine, restore
+    from mimood.restore import restore
+    from mimood.runtime.torch_backend import TorchEngine
 
     run = Path(run)
     cfg = RunConfig.load(run / "config.json")

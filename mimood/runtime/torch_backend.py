@@ -1,5 +1,6 @@
-"""The PyTorch backend: the reference `TorchEngine` on the export folder's checkpoints, and on a GPU the same
-engine with its two per-iteration steps (ATD and MVTM step) replayed from CUDA graphs.
+"""The PyTorch backend: the reference `TorchEngine` (the four graph modules of `mimood.models.graphs` in eager
+mode, the engine every other backend is checked against), on the export folder's checkpoints or a run's, and
+on a GPU the same engine with its two per-iteration steps (ATD and MVTM step) replayed from CUDA graphs.
 
 Each loop iteration launches a few hundred small kernels; a CUDA graph records them once and replays them
 with one launch. A graph reads and writes fixed addresses, so each step gets static input buffers (copied
@@ -12,12 +13,73 @@ Not run on this project's CPU-only CI: the GPU path is exercised only where a CU
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
+from mimood.config import RestoreConfig, RunConfig
 from mimood.contract import WEIGHTS
 from mimood.models.checkpoint import load_model
-from mimood.restore import TorchEngine
+from mimood.models.graphs import ATDGraph, DecodeScore, EncodeGraph, MVTMStep
 from mimood.runtime.bundle import Bundle
+
+
+class TorchEngine:
+    """The PyTorch reference engine: the four graph modules in eager mode (fp32 unless `autocast` names a
+    dtype). `detector="mvtm_nll"` swaps the ATD for the MVTM likelihood baseline (see mimood.eval)."""
+
+    def __init__(self, vqvae, atd, mvtm, cfg: RestoreConfig, device: str | torch.device = "cpu",
+                 autocast: torch.dtype | None = None, detector=None):
+        self.name = "torch"
+        self.R = cfg.R
+        self.device = torch.device(device)
+        self.autocast = autocast
+        self.encoder = EncodeGraph(vqvae).to(self.device).eval()
+        self.detector = (ATDGraph(atd) if detector is None else detector).to(self.device).eval()
+        self.sampler = MVTMStep(mvtm, cfg.temperature).to(self.device).eval()
+        self.scorer = DecodeScore(vqvae, cfg.R, cfg.min_pool, cfg.avg_pool).to(self.device).eval()
+
+    @classmethod
+    def from_run(cls, run, cfg: RestoreConfig | None = None, **kwargs) -> "TorchEngine":
+        """Load the best checkpoints of a run folder."""
+        run = Path(run)
+        cfg = cfg or RunConfig.load(run / "config.json").restore
+        models = {k: load_model(run / k / "best.safetensors")[0] for k in WEIGHTS}
+        return cls(models["vqvae"], models["atd"], models["mvtm"], cfg, **kwargs)
+
+    def _ctx(self):
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                              enabled=self.autocast is not None)
+
+    def put(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device)
+
+    def get(self, a: torch.Tensor) -> np.ndarray:
+        return a.detach().float().cpu().numpy() if a.is_floating_point() else a.detach().cpu().numpy()
+
+    def repeat(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.repeat_interleave(self.R, dim=0)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        with self._ctx():
+            return self.encoder(x)
+
+    @torch.no_grad()
+    def detect(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self._ctx():
+            return self.detector(tokens).float()
+
+    @torch.no_grad()
+    def mvtm_step(self, tokens: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        with self._ctx():
+            return self.sampler(tokens, mask, noise)
+
+    @torch.no_grad()
+    def decode_score(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with self._ctx():
+            return self.scorer(tokens, x).float()
 
 
 def load_torch_engine(bundle: Bundle, precision: str = "fp32", device: str | None = None,
