@@ -28,11 +28,12 @@ import torch
 
 from mimood.config import RunConfig
 from mimood.data.slices import load_slice_set
-from mimood.eval.calibrate import calibrate, encode_slices, healthy_token_scores, load_calibration
+from mimood.eval.calibrate import calibrate, healthy_token_scores, load_calibration
 from mimood.eval.evaluate import evaluate
 from mimood.eval.methods import load_models
 from mimood.eval.metrics import token_labels
 from mimood.eval.tables import PAPER_NAMES, TABLES, format_table, pixel_table, to_json, token_table
+from mimood.models.graphs import encode_slices
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MACHINE = "2-core CPU (shared with other jobs; wall times are indicative only)"

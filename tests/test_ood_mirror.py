@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mimood.config import preset
-from mimood.eval.calibrate import encode_slices
 from mimood.models.checkpoint import build_model
+from mimood.models.graphs import encode_slices
 from mimood.ood.features import FeatureGraph, mvtm_features
 from mimood.ood.mirror import (mirror_distance, mirror_index, mirror_score, mirror_slices, neighbourhood_mean,
                                paired_tokens)

@@ -43,9 +43,9 @@ from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
 from mimood.eval.baselines import MVTMLikelihood, ar_nll
 from mimood.eval.methods import available_methods, build_methods, load_models
-from mimood.eval.token_critic import CRITIC
 from mimood.eval.metrics import json_ready, token_labels, token_metrics
-from mimood.models.graphs import ATDGraph, EncodeGraph
+from mimood.eval.token_critic import CRITIC
+from mimood.models.graphs import ATDGraph, encode_slices
 from mimood.models.masks import atd_masks, corrupt
 from mimood.thresholds import check_calibration, read_calibration
 from mimood.train.lesions import lesion_tokens
@@ -57,14 +57,6 @@ def load_calibration(run: str | Path) -> dict | None:
     """The run's calibration.json, or None when the run has not been calibrated; its lambdas and thresholds are
     checked (`mimood.thresholds`: finite, in range, numbers; one-line errors naming the file and key)."""
     return read_calibration(Path(run) / CALIBRATION)
-
-
-@torch.no_grad()
-def encode_slices(vqvae, images: np.ndarray, batch: int) -> np.ndarray:
-    """Tokens [M, N] int32 of slices [M, H, W] (the loop's encoder graph)."""
-    encode = EncodeGraph(vqvae).eval()
-    return np.concatenate([encode(torch.from_numpy(images[i:i + batch, None])).numpy()
-                           for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ Rows of the BR dimension are ordered slice-major: row b*R + r is restoration r o
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,3 +89,12 @@ def smooth_residual(d: torch.Tensor, x: torch.Tensor, R: int, min_pool: int, avg
     if avg_pool > 1:
         d = F.avg_pool2d(d, avg_pool, stride=1, padding=avg_pool // 2, count_include_pad=False)
     return (d * (x > 0).to(d.dtype))[:, 0]                                   # [B, H, W]
+
+
+@torch.no_grad()
+def encode_slices(vqvae, images: np.ndarray, batch: int) -> np.ndarray:
+    """Tokens [M, N] int32 of slices [M, H, W] float32 (the loop's encoder graph, in batches of `batch` on the
+    CPU; calibration, the OOD fit and its evaluation tokenise with it)."""
+    encode = EncodeGraph(vqvae).eval()
+    return np.concatenate([encode(torch.from_numpy(images[i:i + batch, None])).numpy()
+                           for i in range(0, len(images), batch)])

@@ -167,8 +167,9 @@ def load_cases(run: str | Path, data: str | Path, modality: str = "t2", max_case
     from mimood.config import RunConfig
     from mimood.data.discover import discover
     from mimood.data.preprocess import preprocess
-    from mimood.eval.calibrate import encode_slices, load_calibration
+    from mimood.eval.calibrate import load_calibration
     from mimood.models.checkpoint import load_model
+    from mimood.models.graphs import encode_slices
     from mimood.restore import restore
     from mimood.runtime.torch_backend import TorchEngine
 

@@ -122,7 +122,7 @@ def _synthetic_anomalies(val: np.ndarray, num_codes: int, cfg: RunConfig, seed: 
 def _mirror_val_tokens(run: Path, batch: int) -> np.ndarray:
     """Tokens [M, N] of the left-right mirrored validation slices, encoded by the run's best VQ-VAE (the slice
     cache's rows were matched with the token rows by `_slice_info`)."""
-    from mimood.eval.calibrate import encode_slices
+    from mimood.models.graphs import encode_slices
     images = load_slice_set(run / "data" / "val_slices.npz").images
     vqvae, _ = load_model(run / "vqvae" / "best.safetensors")
     with torch.no_grad():
