@@ -1,6 +1,6 @@
 """ATD token AP/AUROC on real lesion tokens for several ATDs sharing one VQ-VAE, e.g. trained with the paper's
 uniform replacement codes, with `masks.corruption = "prior"` (codes drawn from the healthy brain code
-frequencies) and with `masks.lesion_share > 0` (image-space synthetic lesions, mimood.train.lesions).
+frequencies) and with `masks.lesion_share > 0` (image-space synthetic lesions, mimood.models.lesions).
 
     python benchmarks/atd_corruption.py --vqvae RUN/vqvae/best.safetensors \\
         --atd uniform=RUN/atd/best.safetensors --atd lesion=RUN2/atd/best.safetensors --data TEST_DIR [--stride 4]

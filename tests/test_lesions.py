@@ -1,4 +1,4 @@
-"""Image-space synthetic lesions for the ATD (mimood.train.lesions): painted inside the brain only, visible,
+"""Image-space synthetic lesions for the ATD (mimood.models.lesions): painted inside the brain only, visible,
 seeded, and the ATD target is exactly "code changed and touched by the lesion"."""
 import numpy as np
 import torch
@@ -6,7 +6,7 @@ import torch
 from mimood.config import preset
 from mimood.models.checkpoint import build_model
 from mimood.train import objectives
-from mimood.train.lesions import lesion_tokens, paint_lesions, touched_tokens
+from mimood.models.lesions import lesion_tokens, paint_lesions, touched_tokens
 
 CFG = preset("tiny")
 

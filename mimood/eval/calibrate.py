@@ -46,9 +46,9 @@ from mimood.eval.methods import available_methods, build_methods, load_models
 from mimood.eval.metrics import json_ready, token_labels, token_metrics
 from mimood.eval.token_critic import CRITIC
 from mimood.models.graphs import ATDGraph, encode_slices
+from mimood.models.lesions import lesion_tokens
 from mimood.models.masks import atd_masks, corrupt
 from mimood.thresholds import check_calibration, read_calibration
-from mimood.train.lesions import lesion_tokens
 
 CALIBRATION = "calibration.json"
 
@@ -95,7 +95,7 @@ def synthetic_corruption_check(atd, tokens: np.ndarray, brain_tokens: np.ndarray
 @torch.no_grad()
 def synthetic_lesion_check(atd, vq, images: np.ndarray, tokens: np.ndarray, brain_tokens: np.ndarray, lam: float,
                            seed: int = 0) -> dict[str, float]:
-    """The same check with image-space synthetic lesions (mimood.train.lesions), for ATDs trained on them:
+    """The same check with image-space synthetic lesions (mimood.models.lesions), for ATDs trained on them:
     images [M, H, W] are the healthy slices whose clean codes are tokens [M, N]."""
     bad, target = lesion_tokens(vq, images, tokens.astype(np.int16), np.random.default_rng(seed))
     return _check(atd, torch.from_numpy(bad.astype(np.int64)), target & brain_tokens, brain_tokens, lam)

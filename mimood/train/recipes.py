@@ -157,7 +157,7 @@ def lesion_cache(run: Path, cfg: RunConfig, train: SliceSet, val: SliceSet, toke
     """Synthetic lesions painted into the slices and encoded once with the best VQ-VAE (mimood.train.lesions):
     train [LESION_VARIANTS * N, 400] corrupted tokens + train_target, val [M, 400] + val_target; cached in
     run/data/lesion_tokens.npz under the tokenizer's hash like the clean tokens."""
-    from mimood.train.lesions import VERSION, lesion_tokens
+    from mimood.models.lesions import VERSION, lesion_tokens
 
     path = run / "data" / "lesion_tokens.npz"
     digest = str(tokens["vqvae_sha256"])
