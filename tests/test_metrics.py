@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from mimood.eval.metrics import (best_dice, detection_metrics, dice, pixel_metrics, token_labels,
-                                 token_metrics, topk_mean)
+from mimood.eval.metrics import best_dice, detection_metrics, dice, pixel_metrics, token_labels, token_metrics
+from mimood.ood.scan import topk_mean
 
 
 def test_pixel_metrics_hand_case():

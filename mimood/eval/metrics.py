@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.metrics import auc, roc_curve
 
 from mimood.config import DOWNSAMPLE
+from mimood.ood.scan import topk_mean  # noqa: F401  (its home is the scoring room; re-exported for eval callers)
 
 
 def _scores_labels(scores, labels, mask=None) -> tuple[np.ndarray, np.ndarray]:
@@ -177,34 +178,6 @@ def detection_metrics(scores, is_anomalous) -> dict[str, float]:
     t = np.sort(scores[labels])[::-1][need - 1]
     fpr95 = float(np.count_nonzero(scores[~labels] >= t)) / n_neg
     return {"auroc": _auroc(tps, fps, n_pos, n_neg), "aupr": _ap(tps, fps, n_pos), "fpr95": fpr95}
-
-
-def topk_mean(values, k: int | float) -> float:
-    """Mean of the k largest values (slice/scan aggregation of token scores).
-
-    k int >= 1: a count, capped at the number of values (a slice with fewer foreground tokens uses them all).
-    k float in (0, 1): a share; the count is ceil(k * n), at least 1.
-    """
-    values = np.asarray(values, dtype=np.float64).ravel()
-    n = values.size
-    if n == 0:
-        raise ValueError("topk_mean of an empty array")
-    n_nan = int(np.isnan(values).sum())
-    if n_nan:
-        raise ValueError(f"values contain {n_nan} NaN (of {n})")
-    if isinstance(k, (bool, np.bool_)):
-        raise ValueError("k must be an int count or a float share, not a bool")
-    if isinstance(k, (int, np.integer)):
-        if k < 1:
-            raise ValueError(f"k as a count must be >= 1, got {k}")
-        count = min(int(k), n)
-    elif isinstance(k, (float, np.floating)):
-        if not 0.0 < k < 1.0:
-            raise ValueError(f"k as a share must be in (0, 1), got {k}")
-        count = max(1, math.ceil(round(k * n, 9)))   # round: 0.1 * 30 = 3.0000000000000004
-    else:
-        raise ValueError(f"k must be int or float, got {type(k).__name__}")
-    return float(np.partition(values, n - count)[n - count:].mean())
 
 
 def json_ready(obj):

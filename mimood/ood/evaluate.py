@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mimood.eval.metrics import detection_metrics, json_ready, token_labels, token_metrics, topk_mean
+from mimood.eval.metrics import detection_metrics, json_ready, token_labels, token_metrics
 from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import (Aggregation, OODScorer, SliceParts, axial_smooth, brain_share, scan_aggregate,
-                             slice_aggregate)
+                             slice_aggregate, topk_mean)
 
 
 @dataclass

@@ -37,7 +37,6 @@ from safetensors.numpy import load_file
 
 from mimood.config import GRID
 from mimood.errors import InputError
-from mimood.eval.metrics import topk_mean
 from mimood.ood.atlas import Atlas, position_bins
 from mimood.ood.mirror import mirror_score
 from mimood.ood.scores import (KNNStats, MahalanobisStats, ViMStats, energy_score, knn_score,
@@ -60,6 +59,34 @@ class Aggregation:
     position_norm: bool = True        # z-score token scores against the healthy atlas (mimood.ood.atlas)
     axial_sigma: float = 2.0          # Gaussian smoothing of a scan's slice scores along the axial axis, in
                                       # slices (1 mm); 0 = none (benchmarks/results/ood.md, axial smoothing)
+
+
+def topk_mean(values, k: int | float) -> float:
+    """Mean of the k largest values (slice/scan aggregation of token scores).
+
+    k int >= 1: a count, capped at the number of values (a slice with fewer foreground tokens uses them all).
+    k float in (0, 1): a share; the count is ceil(k * n), at least 1.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    n = values.size
+    if n == 0:
+        raise ValueError("topk_mean of an empty array")
+    n_nan = int(np.isnan(values).sum())
+    if n_nan:
+        raise ValueError(f"values contain {n_nan} NaN (of {n})")
+    if isinstance(k, (bool, np.bool_)):
+        raise ValueError("k must be an int count or a float share, not a bool")
+    if isinstance(k, (int, np.integer)):
+        if k < 1:
+            raise ValueError(f"k as a count must be >= 1, got {k}")
+        count = min(int(k), n)
+    elif isinstance(k, (float, np.floating)):
+        if not 0.0 < k < 1.0:
+            raise ValueError(f"k as a share must be in (0, 1), got {k}")
+        count = max(1, math.ceil(round(k * n, 9)))   # round: 0.1 * 30 = 3.0000000000000004
+    else:
+        raise ValueError(f"k must be int or float, got {type(k).__name__}")
+    return float(np.partition(values, n - count)[n - count:].mean())
 
 
 def brain_share(brain: np.ndarray, grid: int = GRID) -> np.ndarray:

@@ -55,7 +55,7 @@ class Row:
 
 def scan_score(maps: np.ndarray, brain: np.ndarray) -> float:
     """Mean of the top 1% of maps [S,H,W] values where brain [S,H,W] (bool); 0 for a scan without brain."""
-    from mimood.eval.metrics import topk_mean  # the project's one top-k rule (imports scikit-learn: lazily)
+    from mimood.ood.scan import topk_mean  # the project's one top-k rule
 
     values = maps[brain]
     return topk_mean(values, SCORE_TOP_SHARE) if values.size else 0.0
