@@ -211,8 +211,7 @@ def export_ood(run: Path, folder: Path, mvtm, batch: int, manifest: Manifest, x:
     docstring). With validation slices x [B,1,H,W], the graph's features of their tokens are compared with the
     PyTorch FeatureGraph's."""
     from mimood.ood.features import FeatureGraph
-    from mimood.ood.fit import check_mvtm_hash
-    from mimood.ood.scan import OODScorer
+    from mimood.ood.scan import OODScorer, check_mvtm_hash
 
     scorer = OODScorer.load(run / OOD_FILE)
     check_mvtm_hash(run / "mvtm" / "best.safetensors", scorer.meta["mvtm_sha256"])

@@ -129,12 +129,6 @@ def _mirror_val_tokens(run: Path, batch: int) -> np.ndarray:
         return encode_slices(vqvae.eval(), mirror_slices(images.astype(np.float32)), batch)
 
 
-def check_mvtm_hash(path: Path, expected: str) -> None:
-    """The OOD statistics belong to one MVTM: refuse a checkpoint that changed since the fit."""
-    if file_sha256(path) != expected:
-        raise InputError(path, f"this MVTM is not the one {OOD_FILE} was fitted on (re-run the OOD fit)")
-
-
 def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | None = None,
             progress: bool = True) -> dict:
     """Fit every OOD score on the run's healthy training tokens and write `out` (default <run>/ood.safetensors).

@@ -36,6 +36,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from mimood.config import GRID
+from mimood.contract import file_sha256
 from mimood.errors import InputError
 from mimood.ood.atlas import Atlas, position_bins
 from mimood.ood.mirror import mirror_score
@@ -141,6 +142,12 @@ def pooled_features(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.einsum("sn,snd->sd", w, h, dtype=np.float64) / w.sum(axis=1, keepdims=True)
 
 
+def check_mvtm_hash(path: Path, expected: str) -> None:
+    """The OOD statistics belong to one MVTM: refuse a checkpoint that changed since the fit."""
+    if file_sha256(path) != expected:
+        raise InputError(path, f"this MVTM is not the one {OOD_FILE} was fitted on (re-run the OOD fit)")
+
+
 @dataclass
 class SliceParts:
     """What the scan score needs from each slice, computed per batch of slices (OODScorer.parts)."""
@@ -221,7 +228,6 @@ class OODScorer:
         if self._graph is None:
             from mimood.models.checkpoint import load_model
             from mimood.ood.features import FeatureGraph
-            from mimood.ood.fit import check_mvtm_hash
             if self.mvtm_path is None:
                 raise InputError("mvtm/best.safetensors", "the MVTM checkpoint is needed to compute features")
             check_mvtm_hash(self.mvtm_path, self.meta["mvtm_sha256"])
