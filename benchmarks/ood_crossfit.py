@@ -28,8 +28,8 @@ from ood_table import cached_cases, confounds  # noqa: E402
 
 from mimood.eval.metrics import json_ready  # noqa: E402
 from mimood.ood.evaluate import case_parts, evaluate_folds, format_table  # noqa: E402
-from mimood.ood.fit import OODFitConfig, fit_ood  # noqa: E402
 from mimood.ood.scan import OODScorer  # noqa: E402
+from mimood.train.ood_fit import OODFitConfig, fit_ood  # noqa: E402
 
 SIGMAS = (0.0, 1.0, 2.0, 3.0)
 TOPK = (0.02, 0.05, 0.1)

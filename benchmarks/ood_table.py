@@ -31,8 +31,8 @@ from mimood.eval.metrics import detection_metrics
 from mimood.eval.metrics import json_ready
 from mimood.ood.evaluate import EvalCase, case_parts, evaluate_ood, format_table, load_cases
 from mimood.ood.features import PASSES
-from mimood.ood.fit import OODFitConfig, fit_ood
 from mimood.ood.scan import Aggregation, OODScorer
+from mimood.train.ood_fit import OODFitConfig, fit_ood
 
 FIELDS = ("tokens", "fg", "labels", "brain", "index", "mirror_tokens")
 

@@ -24,10 +24,10 @@ from mimood.eval.token_critic import critic_objective, train_token_critic
 from mimood.models.checkpoint import load_model, read_info, save_model
 from mimood.models.transformer import TokenTransformer
 from mimood.models.vqvae import VQVAE
-from mimood.ood.fit import OODFitConfig, fit_ood
 from mimood.ood.scan import brain_share
 from mimood.restore import restore
 from mimood.runtime.torch_backend import TorchEngine
+from mimood.train.ood_fit import OODFitConfig, fit_ood
 
 CFG = preset("tiny")
 METHODS = ("mimood", "ar", "mvtm_likelihood", "intensity")

@@ -20,9 +20,9 @@ from mimood.models.graphs import encode_slices
 from mimood.ood.atlas import AtlasFit, slice_bins
 from mimood.ood.evaluate import EvalCase, evaluate_ood, format_table
 from mimood.ood.features import FeatureGraph, mask_groups, mvtm_features
-from mimood.ood.fit import OODFitConfig, fit_ood
 from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import SLICE_SCORES, Aggregation, OODScorer, brain_share, brain_tokens, scan_aggregate, slice_aggregate
+from mimood.train.ood_fit import OODFitConfig, fit_ood
 
 GRID = 20
 

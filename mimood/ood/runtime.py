@@ -3,7 +3,7 @@
 The exporter (mimood.export.export) writes, when the run has fitted OOD statistics:
     ood_features.onnx     the run's FeatureGraph (tokens [B, N] int32 -> h [B, N, d] float32, the fitted pass
                           type, static batch B = the loop graphs' batch), validated against PyTorch
-    ood.safetensors       the fitted statistics (mimood.ood.fit)
+    ood.safetensors       the fitted statistics (mimood.train.ood_fit)
 and records them in manifest.extra["ood"] (files, hashes, graph I/O, the chosen score, its aggregation, the
 healthy reference) and the chosen score's name in manifest.scan_score.
 

@@ -1,4 +1,4 @@
-"""Token, slice and scan OOD scores of a fitted run (`<run>/ood.safetensors`, written by mimood.ood.fit).
+"""Token, slice and scan OOD scores of a fitted run (`<run>/ood.safetensors`, written by mimood.train.ood_fit).
 
 Every score is "higher = more anomalous". Per token (all 400 positions; only brain tokens are aggregated):
     vim, residual, mahalanobis       from the MVTM features h (mimood.ood.features)
@@ -205,7 +205,7 @@ class OODScorer:
         path = Path(path)
         file = path / OOD_FILE if path.is_dir() else path
         if not file.exists():
-            raise InputError(file, "no fitted OOD statistics (run the OOD fit first: mimood.ood.fit.fit_ood)")
+            raise InputError(file, "no fitted OOD statistics (run the OOD fit first: mimood.train.ood_fit.fit_ood)")
         try:
             from safetensors import safe_open
             with safe_open(str(file), framework="numpy") as f:

@@ -296,7 +296,7 @@ def fit_ood_stage(run: Path, resume: bool, previous: dict, progress: bool = True
     """Fit the OOD statistics of the run's best MVTM into run/ood.safetensors (rank 0 only); the summary entry.
     With `resume`, statistics already fitted on this very MVTM are kept."""
     from mimood.contract import file_sha256
-    from mimood.ood.fit import fit_ood
+    from mimood.train.ood_fit import fit_ood
     from mimood.ood.scan import OOD_FILE, OODScorer
 
     mvtm = run / "mvtm" / "best.safetensors"
