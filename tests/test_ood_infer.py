@@ -113,7 +113,7 @@ def test_export_records_the_scan_score_and_checks_its_files(run, export, tmp_pat
 
 
 def test_onnx_features_match_pytorch(run, export):
-    from mimood.ood.runtime import OODRuntime
+    from mimood.runtime.ood import OODRuntime
 
     ood = OODRuntime.open(export, Bundle.open(export).manifest.extra["ood"])
     mvtm, _ = load_model(run[0] / "mvtm" / "best.safetensors")
@@ -151,7 +151,7 @@ def test_report_scan_score_is_the_ood_score(run, export, tmp_path):
 
 
 def test_ood_runtime_needs_no_torch():
-    code = ("import sys, mimood.ood.runtime; bad = [m for m in sys.modules if m == 'torch' or "
+    code = ("import sys, mimood.runtime.ood; bad = [m for m in sys.modules if m == 'torch' or "
             "m.startswith('mimood.train')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

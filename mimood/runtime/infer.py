@@ -11,7 +11,7 @@ last slice is restored.
 
 Scan score: with an export that has OOD statistics (manifest.extra["ood"]), each batch's input tokens and the
 engine's encoding of its left-right mirrored slices (the `mirror` score) go through the MVTM features computed
-in onnxruntime from the export's feature graph (mimood.ood.runtime, the same on every backend); report.csv's
+in onnxruntime from the export's feature graph (mimood.runtime.ood, the same on every backend); report.csv's
 scan_score is then the chosen OOD score, and map_score the anomaly-map score (`outputs`). provenance.json
 records each scan's OOD score against the healthy reference scans of the fit (z, percentile).
 
@@ -43,10 +43,10 @@ from mimood.data.discover import Case, discover
 from mimood.data.preprocess import Slices, preprocess
 from mimood.errors import InputError
 from mimood.ood.mirror import mirror_slices
-from mimood.ood.runtime import OODRuntime
 from mimood.ood.scan import SliceParts
 from mimood.runtime.batching import Batch, Packer, infer_slices, restore_batch
 from mimood.runtime.bundle import BACKENDS, PRECISIONS, Bundle
+from mimood.runtime.ood import OODRuntime
 from mimood.runtime.outputs import (Row, geometry_summary, output_paths, read_report, write_json, write_report,
                                     write_scan)
 
