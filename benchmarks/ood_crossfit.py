@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_table import cached_cases, confounds  # noqa: E402
 
 from mimood.eval.metrics import json_ready  # noqa: E402
-from mimood.ood.evaluate import case_parts, evaluate_folds, format_table  # noqa: E402
+from mimood.eval.ood import case_parts, evaluate_folds, format_table  # noqa: E402
 from mimood.ood.scan import OODScorer  # noqa: E402
 from mimood.train.ood_fit import OODFitConfig, fit_ood  # noqa: E402
 

@@ -7,7 +7,7 @@
 For each pass type: fit_ood into WORK/ood-<pass>[-heldout].safetensors, then evaluate_ood on every data set with
 the ATD-based and anomaly-map-based scores alongside, an aggregation sweep (position normalisation, brain-token
 threshold, top-k share of brain tokens, top-m slices) and two lesion-blind confound scores. Cases are
-preprocessed, tokenised, scored by the ATD and restored once (mimood.ood.evaluate.load_cases) and cached in
+preprocessed, tokenised, scored by the ATD and restored once (mimood.eval.ood.load_cases) and cached in
 WORK/cases_<name>_s<stride>.npz; the run folder is only read.
 
 --held-out: the run may have been trained on the healthy slices of the evaluated volumes (mimood-train
@@ -29,7 +29,7 @@ import numpy as np
 
 from mimood.eval.metrics import detection_metrics
 from mimood.eval.metrics import json_ready
-from mimood.ood.evaluate import EvalCase, case_parts, evaluate_ood, format_table, load_cases
+from mimood.eval.ood import EvalCase, case_parts, evaluate_ood, format_table, load_cases
 from mimood.ood.features import PASSES
 from mimood.ood.scan import Aggregation, OODScorer
 from mimood.train.ood_fit import OODFitConfig, fit_ood

@@ -157,7 +157,7 @@ def test_ood_runtime_needs_no_torch():
 
 
 def test_eval_tables_on_a_labelled_folder(run, tmp_path):
-    from mimood.ood.evaluate import eval_tables
+    from mimood.eval.ood import eval_tables
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)

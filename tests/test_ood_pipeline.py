@@ -15,10 +15,10 @@ from mimood.config import preset
 from mimood.data.slices import SliceSet, load_slice_set, save_slice_set
 from mimood.errors import InputError
 from mimood.eval.metrics import detection_metrics
+from mimood.eval.ood import EvalCase, evaluate_ood, format_table
 from mimood.models.checkpoint import build_model, load_model, save_model
 from mimood.models.graphs import encode_slices
 from mimood.ood.atlas import AtlasFit, slice_bins
-from mimood.ood.evaluate import EvalCase, evaluate_ood, format_table
 from mimood.ood.features import FeatureGraph, mask_groups, mvtm_features
 from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import SLICE_SCORES, Aggregation, OODScorer, brain_share, brain_tokens, scan_aggregate, slice_aggregate

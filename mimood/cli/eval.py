@@ -121,7 +121,7 @@ def main(run, data, modality, json_path, png_dir, R, T, lam, seed, methods, max_
     result = to_json(res, tables)
     if not no_ood and (run / "ood.safetensors").exists():
         # MOODv2 scores on MVTM features: scan.<score>, slice.<score> and token.<score> beside the methods' rows
-        from mimood.ood.evaluate import eval_tables
+        from mimood.eval.ood import eval_tables
         ood, text = eval_tables(run, data, modality, max_cases, slice_stride, progress=not quiet)
         click.echo("\n" + text)
         result["scan"], result["slice"] = ood["scan"], ood["slice"]
