@@ -47,10 +47,11 @@ from mimood.ood.scan import SliceParts
 from mimood.runtime.batching import Batch, Packer, infer_slices, restore_batch
 from mimood.runtime.bundle import BACKENDS, PRECISIONS, Bundle
 from mimood.runtime.ood import OODRuntime
-from mimood.runtime.outputs import (Row, geometry_summary, output_paths, read_report, write_json, write_report,
-                                    write_scan)
+from mimood.runtime.outputs import (Row, geometry_summary, output_paths, png_writer, read_report, write_json,
+                                    write_report, write_scan)
 
-__all__ = ["BACKENDS", "Report", "infer_folder", "infer_slices", "load_engine", "pick_backend"]
+__all__ = ["BACKENDS", "InferJob", "Report", "ScanState", "infer_folder", "infer_slices", "load_engine",
+           "pick_backend"]
 
 
 def pick_backend(device: str | None = None) -> tuple[str, str]:
@@ -65,8 +66,10 @@ def pick_backend(device: str | None = None) -> tuple[str, str]:
         ok, why = trt_available()
         if ok:
             return "trt", why
-        import torch
-
+        try:
+            import torch
+        except ImportError:                  # the runtime-only install: onnxruntime is the engine
+            return "ort", "torch not installed: onnxruntime"
         if torch.cuda.is_available():
             return "torch", f"CUDA GPU without TensorRT ({why}): torch with CUDA graphs"
     return "ort", "no TensorRT/CUDA GPU: onnxruntime" if device != "cpu" else "device cpu: onnxruntime"
@@ -93,7 +96,11 @@ def load_engine(export_dir: str | Path | Bundle, backend: str = "auto", precisio
         from mimood.runtime.ort import OrtEngine
         engine = OrtEngine(bundle, precision, device)
     else:
-        from mimood.runtime.torch_backend import load_torch_engine
+        try:
+            from mimood.runtime.torch_backend import load_torch_engine
+        except ImportError as e:             # e.g. the runtime-only install
+            raise ValueError(f"the torch backend needs PyTorch and MONAI ({e}): pip install 'mimood[train]'"
+                             ) from None
         engine = load_torch_engine(bundle, precision, device)
     engine.bundle, engine.reason = bundle, reason
     return engine
@@ -113,153 +120,194 @@ class Report:
 
 
 @dataclass
-class _Scan:
-    """A scan whose slices are in flight."""
+class ScanState:
+    """A scan whose slices are in flight: read and preprocessed, waiting for its batches to come back."""
+    key: int                         # the case's place in this part's list (the report's order)
     case: Case
     slices: Slices
-    maps: np.ndarray                 # [S, H, W], filled as batches return
+    maps: np.ndarray                 # [S, H, W] float32, filled as batches return
     left: int                        # slices not restored yet
     seconds: float                   # time spent on this scan so far
-    ood: list = field(default_factory=list)   # (slice indices [n], SliceParts) per batch, with OOD statistics
+    ood: list[tuple[np.ndarray, SliceParts]] = field(default_factory=list)   # per batch: (slice indices [n],
+                                                                             # their OOD parts), with OOD stats
 
 
 def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, backend: str = "auto",
                  precision: str = "fp32", resume: bool = False, part: tuple[int, int] = (1, 1),
                  progress: bool = True, modality: str | None = None, seed: int = 0) -> Report:
     """Anomaly maps, masks and overlays for every volume under `input` (see the module docstring)."""
-    started = _now()
-    I, N = part
-    if not (N >= 1 and 1 <= I <= N):
-        raise ValueError(f"--part {I}/{N}: need 1 <= I <= N")
-    input, out = Path(input), Path(out)
-    bundle = Bundle.open(export_dir)
-    data_cfg = bundle.data_config()
-    if modality:
-        data_cfg.modality = modality
-    cases = discover(input, modality=data_cfg.modality)
-    _check_out(input, out, cases)
-    cases = [c for i, c in enumerate(cases) if i % N == I - 1]
-    tag = "" if N == 1 else f".part{I}of{N}"
-    report_path, prov_path = out / f"report{tag}.csv", out / f"provenance{tag}.json"
-    threshold = bundle.manifest.threshold
-    notes: list[str] = []
+    return InferJob(input, out, export_dir, backend, precision, resume, part, progress, modality, seed).run()
 
-    def say(msg: str) -> None:                 # a note for the user (stderr) and for provenance.json
-        notes.append(msg)
-        if progress:
+
+class InferJob:
+    """One `infer_folder` run: the cases of one part, the export and its engine, the rows written so far.
+
+        job = InferJob("scans/", "out/", "export/")   # checks the arguments, the export and the folders
+        report = job.run()                            # reads, restores and writes every case; report.csv
+
+    Scans are read one at a time (`_read`) and their slices packed into the engine's fixed batches; each batch
+    is restored (`_restore`), its maps (and OOD parts) scattered back to the `ScanState`s in flight, and a scan
+    whose last slice came back is written (`_finish`) and leaves memory. A scan that cannot be read or written
+    becomes a failed row (`_fail`); the others go on.
+    """
+
+    def __init__(self, input: str | Path, out: str | Path, export_dir: str | Path, backend: str = "auto",
+                 precision: str = "fp32", resume: bool = False, part: tuple[int, int] = (1, 1),
+                 progress: bool = True, modality: str | None = None, seed: int = 0):
+        self.started = _now()
+        I, N = part
+        if not (N >= 1 and 1 <= I <= N):
+            raise ValueError(f"--part {I}/{N}: need 1 <= I <= N")
+        self.input, self.out = Path(input), Path(out)
+        self.backend, self.precision, self.resume, self.part = backend, precision, resume, (I, N)
+        self.progress, self.seed = progress, seed
+        self.bundle = Bundle.open(export_dir)
+        self.data_cfg = self.bundle.data_config()
+        if modality:
+            self.data_cfg.modality = modality
+        cases = discover(self.input, modality=self.data_cfg.modality)
+        _check_out(self.input, self.out, cases)
+        self.cases = [c for i, c in enumerate(cases) if i % N == I - 1]
+        tag = "" if N == 1 else f".part{I}of{N}"
+        self.report_path, self.prov_path = self.out / f"report{tag}.csv", self.out / f"provenance{tag}.json"
+        self.threshold = self.bundle.manifest.threshold
+        self.png = png_writer() is not None
+        self.notes: list[str] = []
+        self.rows: dict[int, Row] = {}               # case key -> its report row (finished or failed)
+        self.scans: dict[str, dict] = {}             # input file -> geometry summary (+ OOD report)
+        self.pending: dict[int, ScanState] = {}      # case key -> scan in flight
+
+    def say(self, msg: str) -> None:
+        """A note for the user (stderr) and for provenance.json."""
+        self.notes.append(msg)
+        if self.progress:
             print(msg, file=sys.stderr, flush=True)
 
-    if threshold is None:
-        say("the export has no calibrated threshold: no masks written, anomalous volume left empty")
+    def run(self) -> Report:
+        if self.threshold is None:
+            self.say("the export has no calibrated threshold: no masks written, anomalous volume left empty")
+        if not self.png:
+            self.say("matplotlib is not installed: no PNG overlays (pip install 'mimood[png]')")
+        if self.resume:
+            self.rows, self.scans = _finished(self.cases, self.out, self.report_path, self.prov_path,
+                                              self.bundle.sha256, self.threshold is not None, self.png)
+            if self.rows:
+                self.say(f"--continue: {len(self.rows)} finished scans skipped")
+        self.engine = load_engine(self.bundle, self.backend, self.precision)
+        self.cfg = self.bundle.restore_config()
+        self.say(f"backend: {self.engine.detail} ({self.engine.reason})")
+        info = self.bundle.manifest.extra.get("ood")
+        self.ood = OODRuntime.open(self.bundle.folder, info) if info else None
+        if self.ood is None:
+            self.say("the export has no OOD statistics: the scan score is the anomaly-map score")
+        m = self.bundle.manifest
+        self.prov = {"argv": sys.argv, "input": str(self.input), "out": str(self.out),
+                     "export": str(self.bundle.folder), "backend": self.backend, "precision": self.precision, "part": list(self.part),
+                     "resume": self.resume, "seed": self.seed, "modality": self.data_cfg.modality,
+                     "backend_used": self.engine.detail, "backend_reason": self.engine.reason,
+                     "manifest_sha256": self.bundle.sha256,
+                     "manifest": {k: getattr(m, k) for k in ("preset", "batch", "R", "T", "lam", "threshold",
+                                                             "scan_score", "created", "versions")},
+                     "versions": current_versions(), "started": self.started, "finished": None,
+                     "notes": self.notes, "scans": self.scans}
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.prov_path, self.prov)
 
-    rows: dict[int, Row] = {}
-    scans_info: dict[str, dict] = {}
-    if resume:
-        rows, scans_info = _finished(cases, out, report_path, prov_path, bundle.sha256, threshold is not None)
-        if rows:
-            say(f"--continue: {len(rows)} finished scans skipped")
+        todo = [(k, c) for k, c in enumerate(self.cases) if k not in self.rows]
+        self.scan_bar = tqdm(total=len(todo), desc="scans", unit="scan", disable=not self.progress, position=0)
+        self.slice_bar = tqdm(total=0, desc="slices", unit="slice", disable=not self.progress, position=1,
+                              leave=False)
+        packer = Packer(self.engine.batch)
+        for key, case in todo:
+            scan = self._read(key, case)
+            if scan is None:
+                continue
+            self.pending[key] = scan
+            packer.add(key, scan.slices.images)
+            for batch in packer.full():
+                self._restore(batch)
+        for batch in packer.flush():
+            self._restore(batch)
+        self.slice_bar.close()
+        self.scan_bar.close()
 
-    engine = load_engine(bundle, backend, precision)
-    cfg = bundle.restore_config()
-    say(f"backend: {engine.detail} ({engine.reason})")
-    ood_info = bundle.manifest.extra.get("ood")
-    ood = OODRuntime.open(bundle.folder, ood_info) if ood_info else None
-    if ood is None:
-        say("the export has no OOD statistics: the scan score is the anomaly-map score")
-    prov = {"argv": sys.argv, "input": str(input), "out": str(out), "export": str(bundle.folder),
-            "backend": backend, "precision": precision, "part": [I, N], "resume": resume, "seed": seed,
-            "modality": data_cfg.modality, "backend_used": engine.detail, "backend_reason": engine.reason,
-            "manifest_sha256": bundle.sha256,
-            "manifest": {k: getattr(bundle.manifest, k) for k in ("preset", "batch", "R", "T", "lam", "threshold",
-                                                                   "scan_score", "created", "versions")},
-            "versions": current_versions(), "started": started, "finished": None, "notes": notes,
-            "scans": scans_info}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(prov_path, prov)
+        self._save_report()
+        self.prov["finished"] = _now()
+        write_json(self.prov_path, self.prov)
+        return Report([self.rows[k] for k in sorted(self.rows)], self.report_path, self.prov_path,
+                      self.engine.detail, self.notes)
 
-    def save_report():
-        write_report(report_path, [rows[k] for k in sorted(rows)])
-
-    todo = [(k, c) for k, c in enumerate(cases) if k not in rows]
-    scan_bar = tqdm(total=len(todo), desc="scans", unit="scan", disable=not progress, position=0)
-    slice_bar = tqdm(total=0, desc="slices", unit="slice", disable=not progress, position=1, leave=False)
-    pending: dict[int, _Scan] = {}
-    packer = Packer(engine.batch)
-
-    def fail(k: int, case: Case, e: Exception, seconds: float):
-        rows[k] = Row(str(case.image), "failed", str(e), slices=0, seconds=round(seconds, 3),
-                      backend=engine.detail)
-        if progress:
-            scan_bar.write(f"failed: {e}", file=sys.stderr)
-        save_report()
-        scan_bar.update()
-
-    def finish(k: int):
-        s = pending.pop(k)
+    def _read(self, key: int, case: Case) -> ScanState | None:
+        """Read and preprocess one case (None, and a failed row, when it cannot be read)."""
         t0 = time.perf_counter()
         try:
-            paths = output_paths(out, s.case.name, s.case.image)
-            map_score, ml = write_scan(paths, s.case.name, s.slices, s.maps, threshold)
-            ood_report = None
-            if ood is not None:
-                order = np.argsort(np.concatenate([i for i, _ in s.ood]), kind="stable")
-                ood_report = ood.score(SliceParts.cat([p for _, p in s.ood]).take(order))
-        except (InputError, OSError) as e:
-            return fail(k, s.case, e, s.seconds + time.perf_counter() - t0)
-        seconds = s.seconds + time.perf_counter() - t0
-        score, name = (map_score, "map") if ood_report is None else (ood_report["value"], f"ood.{ood.score_name}")
-        rows[k] = Row(str(s.case.image), "ok", "", round(score, 6), name, round(map_score, 6),
-                      None if ml is None else round(ml, 6), len(s.slices.index), round(seconds, 3), engine.detail)
-        scans_info[str(s.case.image)] = geometry_summary(s.slices)
-        if ood_report is not None:
-            scans_info[str(s.case.image)]["ood"] = ood_report
-        save_report()
-        scan_bar.update()
+            slices = preprocess(case.image, self.data_cfg)
+        except InputError as e:
+            self._fail(key, case, e, time.perf_counter() - t0)
+            return None
+        self.slice_bar.total += len(slices.index)
+        self.slice_bar.refresh()
+        return ScanState(key, case, slices, np.zeros_like(slices.images), len(slices.index),
+                         time.perf_counter() - t0)
 
-    def run(batch: Batch):
+    def _restore(self, batch: Batch) -> None:
+        """Restore one batch, hand its maps (and OOD parts) to the scans they belong to, finish completed scans."""
         t0 = time.perf_counter()
         n = len(batch.rows)
-        restored = restore_batch(engine, batch, cfg, seed)
-        maps = restored.maps[:n]                                             # [n, H, W]
-        if ood is not None:                                                  # OOD parts of the filled rows
-            mirrored = engine.get(engine.encode(engine.put(mirror_slices(batch.images)[:, None])))  # [B, N]
-            parts = ood.parts(restored.input_tokens[:n], batch.images[:n], mirrored[:n])
-            for k in {k for k, _ in batch.rows}:
-                rows_k = np.array([j for j, (kk, _) in enumerate(batch.rows) if kk == k])
-                pending[k].ood.append((np.array([batch.rows[j][1] for j in rows_k]), parts.take(rows_k)))
-        share = (time.perf_counter() - t0) / len(batch.rows)
-        for (k, i), m in zip(batch.rows, maps):
-            pending[k].maps[i] = m
-            pending[k].left -= 1
-            pending[k].seconds += share
-        slice_bar.update(len(batch.rows))
-        for k in sorted({k for k, _ in batch.rows}):
-            if pending[k].left == 0:
-                finish(k)
+        restored = restore_batch(self.engine, batch, self.cfg, self.seed)
+        if self.ood is not None:                                              # OOD parts of the filled rows
+            e = self.engine
+            mirrored = e.get(e.encode(e.put(mirror_slices(batch.images)[:, None])))   # [B, N]
+            parts = self.ood.parts(restored.input_tokens[:n], batch.images[:n], mirrored[:n])
+            for key in {k for k, _ in batch.rows}:
+                rows = np.array([j for j, (k, _) in enumerate(batch.rows) if k == key])
+                self.pending[key].ood.append((np.array([batch.rows[j][1] for j in rows]), parts.take(rows)))
+        share = (time.perf_counter() - t0) / n
+        for (key, i), m in zip(batch.rows, restored.maps[:n]):                # maps [n, H, W]
+            scan = self.pending[key]
+            scan.maps[i] = m
+            scan.left -= 1
+            scan.seconds += share
+        self.slice_bar.update(n)
+        for key in sorted({k for k, _ in batch.rows}):
+            if self.pending[key].left == 0:
+                self._finish(self.pending.pop(key))
 
-    for k, case in todo:
+    def _finish(self, scan: ScanState) -> None:
+        """Write a restored scan's outputs and its report row."""
         t0 = time.perf_counter()
+        case = scan.case
         try:
-            slices = preprocess(case.image, data_cfg)
-        except InputError as e:
-            fail(k, case, e, time.perf_counter() - t0)
-            continue
-        pending[k] = _Scan(case, slices, np.zeros_like(slices.images), len(slices.index),
-                           time.perf_counter() - t0)
-        packer.add(k, slices.images)
-        slice_bar.total += len(slices.index)
-        slice_bar.refresh()
-        for batch in packer.full():
-            run(batch)
-    for batch in packer.flush():
-        run(batch)
-    slice_bar.close()
-    scan_bar.close()
+            paths = output_paths(self.out, case.name, case.image)
+            map_score, ml = write_scan(paths, case.name, scan.slices, scan.maps, self.threshold)
+            ood_report = None
+            if self.ood is not None:
+                order = np.argsort(np.concatenate([i for i, _ in scan.ood]), kind="stable")
+                ood_report = self.ood.score(SliceParts.cat([p for _, p in scan.ood]).take(order))
+        except (InputError, OSError) as e:
+            return self._fail(scan.key, case, e, scan.seconds + time.perf_counter() - t0)
+        seconds = scan.seconds + time.perf_counter() - t0
+        score, name = ((map_score, "map") if ood_report is None
+                       else (ood_report["value"], f"ood.{self.ood.score_name}"))
+        self.rows[scan.key] = Row(str(case.image), "ok", "", round(score, 6), name, round(map_score, 6),
+                                  None if ml is None else round(ml, 6), len(scan.slices.index), round(seconds, 3),
+                                  self.engine.detail)
+        self.scans[str(case.image)] = geometry_summary(scan.slices)
+        if ood_report is not None:
+            self.scans[str(case.image)]["ood"] = ood_report
+        self._save_report()
+        self.scan_bar.update()
 
-    save_report()
-    prov["finished"] = _now()
-    write_json(prov_path, prov)
-    return Report([rows[k] for k in sorted(rows)], report_path, prov_path, engine.detail, notes)
+    def _fail(self, key: int, case: Case, error: Exception, seconds: float) -> None:
+        self.rows[key] = Row(str(case.image), "failed", str(error), slices=0, seconds=round(seconds, 3),
+                             backend=self.engine.detail)
+        if self.progress:
+            self.scan_bar.write(f"failed: {error}", file=sys.stderr)
+        self._save_report()
+        self.scan_bar.update()
+
+    def _save_report(self) -> None:
+        write_report(self.report_path, [self.rows[k] for k in sorted(self.rows)])
 
 
 def _check_out(input: Path, out: Path, cases: list[Case]) -> None:
@@ -270,8 +318,8 @@ def _check_out(input: Path, out: Path, cases: list[Case]) -> None:
         raise InputError(out, "the output folder must lie outside the input folder")
 
 
-def _finished(cases: list[Case], out: Path, report_path: Path, prov_path: Path, sha: str, with_mask: bool
-              ) -> tuple[dict[int, Row], dict[str, dict]]:
+def _finished(cases: list[Case], out: Path, report_path: Path, prov_path: Path, sha: str, with_mask: bool,
+              with_png: bool = True) -> tuple[dict[int, Row], dict[str, dict]]:
     """The rows (by case index) and geometry summaries of scans a previous run finished (module docstring)."""
     import json
 
@@ -288,7 +336,7 @@ def _finished(cases: list[Case], out: Path, report_path: Path, prov_path: Path, 
     for k, c in enumerate(cases):
         row = previous.get(str(c.image))
         paths = output_paths(out, c.name, c.image)
-        needed = [paths["map"], paths["png"]] + ([paths["mask"]] if with_mask else [])
+        needed = [paths["map"]] + ([paths["png"]] if with_png else []) + ([paths["mask"]] if with_mask else [])
         if row is not None and all(p.is_file() for p in needed):
             rows[k] = row
             if str(c.image) in info:

@@ -44,8 +44,10 @@ def trt_available() -> tuple[bool, str]:
         import tensorrt
     except ImportError:
         return False, "tensorrt not installed"
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        return False, "torch not installed (TrtSession binds torch CUDA buffers)"
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
     return True, f"tensorrt {tensorrt.__version__} on {torch.cuda.get_device_name()}"
