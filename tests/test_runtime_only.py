@@ -86,3 +86,11 @@ def test_help_imports_none_of_the_training_stack():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "--backend" in res.stdout and res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_exporting_a_run_without_the_export_extra_is_a_one_line_error(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "in").mkdir()
+    res = infer([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--run", str(tmp_path / "run")])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "exporting needs the export extra" in res.stderr and "mimood[export]" in res.stderr

@@ -30,7 +30,11 @@ def _export_folder(run: Path | None, export: Path | None, quiet: bool) -> Path:
         return export
     folder = run / "export"
     if not (folder / "manifest.json").is_file():
-        from mimood.export.export import export_run
+        try:
+            from mimood.export.export import export_run
+        except ImportError as e:             # the runtime-only install
+            raise ValueError(f"{run} has no export yet, and exporting needs the export extra ({e}): "
+                             "pip install 'mimood[export]', or give --export DIR") from None
 
         click.echo(f"{run} has no export yet: exporting it to {folder}", err=True)
         export_run(run, progress=not quiet)
