@@ -22,7 +22,7 @@ moved off its initial value, so no bias is zero and no LayerNorm is the identity
 --loop EXPORT times `mimood.restore.restore` on one batch of the run's validation slices (encode, T x (ATD +
 MVTM step), decode, as exported: the manifest's batch, R and T) with torch eager (`TorchEngine`) and with
 onnxruntime on the export's graphs: the standard ones, and the onnxruntime-only copies of the transformer
-graphs (`extra["ort_graphs"]`), with the default session options and without spinning (wall clock, medians).
+graphs (`extra.ort_graphs`), with the default session options and without spinning (wall clock, medians).
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def bench_loop(run: Path, folder: Path, reps: int) -> dict[str, dict[str, float]
     cfg = replace(RunConfig.load(run / "config.json").restore, T=m.T, R=m.R, batch=m.batch, lam=m.lam)
     x = validation_slices(run, m.batch)[0].numpy()                          # [B, 1, H, W]
     standard = {g: m.graphs[g]["file"] for g in GRAPHS}
-    ort_copies = {**standard, **{g: e["file"] for g, e in m.extra["ort_graphs"].items()}}
+    ort_copies = {**standard, **{g: e.file for g, e in m.extra.ort_graphs.items()}}
     no_spin = {"session.intra_op.allow_spinning": "0"}
     torch_engine = TorchEngine.from_run(run, cfg)
     masked = restore(torch_engine, x, cfg, np.random.default_rng(0), lam=m.lam).masked

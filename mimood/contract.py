@@ -22,7 +22,7 @@ import os
 import platform
 import secrets
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -93,9 +93,10 @@ def expected_io(B: int, R: int) -> dict[str, dict[str, dict[str, tuple[list[int]
 IO_NAMES = {g: (list(io["inputs"]), list(io["outputs"])) for g, io in expected_io(1, 1).items()}
 
 
-def recorded_io(entry: dict) -> dict[str, dict[str, tuple[list[int], str]]]:
-    """The I/O of a manifest graph entry ({"inputs": {name: [shape, dtype]}, ...}) in `expected_io`'s form."""
-    return {side: {k: (list(v[0]), v[1]) for k, v in entry[side].items()} for side in ("inputs", "outputs")}
+def recorded_io(inputs: dict[str, list], outputs: dict[str, list]) -> dict[str, dict[str, tuple[list[int], str]]]:
+    """A graph's I/O as the manifest records it ({name: [shape, dtype]} per side) in `expected_io`'s form."""
+    return {side: {k: (list(v[0]), v[1]) for k, v in io.items()} for side, io in (("inputs", inputs),
+                                                                                  ("outputs", outputs))}
 
 
 def graph_io(path: str | Path) -> dict[str, dict[str, list]]:
@@ -141,6 +142,93 @@ def _utc_now() -> str:
 
 
 @dataclass
+class FileRecord:
+    """A file of the export folder and the SHA-256 of its bytes at export."""
+    file: str                   # relative to the export folder
+    sha256: str
+
+
+@dataclass
+class GraphRecord(FileRecord):
+    """A graph file: the fields of a `Manifest.graphs` entry."""
+    precision: str                               # "fp32" or "fp16"
+    inputs: dict[str, list]                      # tensor -> [static shape, numpy dtype name]
+    outputs: dict[str, list]
+
+
+@dataclass
+class OrtGraphRecord(GraphRecord):
+    """An onnxruntime-only copy of a loop graph (fused attention; mimood.export.graphs.export_ort)."""
+    source: str                                  # the standard graph it was made from, e.g. "atd.onnx"
+    rewrites: dict[str, int]                     # rewrite -> how many times it applied
+
+
+@dataclass
+class OODRecord:
+    """The scan-level OOD score of the export (mimood.runtime.ood): feature graph, statistics, what was fitted."""
+    graph: GraphRecord                           # ood_features.onnx: tokens [B, N] int32 -> h [B, N, d] float32
+    stats: FileRecord                            # ood.safetensors
+    scan_score: str                              # the chosen score (also Manifest.scan_score)
+    pass_type: str                               # "unmasked" or "masked" (mimood.ood.features)
+    aggregation: dict[str, Any]                  # mimood.ood.scan.Aggregation's fields
+    mvtm_sha256: str                             # the MVTM the statistics were fitted on
+    reference: dict[str, float]                  # healthy reference scan scores: {"n", "mean", "std"}
+
+
+@dataclass
+class ExportValidation:
+    """How the graphs were checked against PyTorch (each graph's checks: Manifest.validation)."""
+    source: str                                  # the held-out slices used
+    slices: int
+    blob_slices: int                             # of them, with a bright disc painted in
+    lam: float
+    forced_mask: float                           # share of tokens masked at random on top of the ATD's mask
+    mask_share: float                            # share of tokens the MVTM check re-sampled
+    seed: int
+    runtime: str                                 # where the graphs ran, e.g. "onnxruntime CPUExecutionProvider"
+    tolerances: dict[str, dict[str, float]]      # precision -> mimood.export.export.Tolerances fields
+
+
+@dataclass
+class Extra:
+    """What an export adds beyond the loop graphs; every field is optional (an export without OOD statistics,
+    without --fp16, not validated, ...)."""
+    weights: dict[str, FileRecord] = field(default_factory=dict)        # WEIGHTS kind -> checkpoint copy
+    ort_graphs: dict[str, OrtGraphRecord] = field(default_factory=dict)  # loop step -> onnxruntime-only copy
+    ood: OODRecord | None = None
+    fp16: dict[str, dict[str, Any]] = field(default_factory=dict)      # graph key -> conversion report
+    validation: ExportValidation | None = None
+    opset: int | None = None
+    engines: str | None = None                   # what happened to the TensorRT engines at export (one line)
+
+    @classmethod
+    def from_json(cls, d: Any) -> "Extra":
+        """Rebuild from `asdict` output; a missing required or unknown key is a ValueError naming where."""
+        x = _record(cls, d, "extra")
+        x.weights = {k: _record(FileRecord, v, f"extra.weights.{k}") for k, v in x.weights.items()}
+        x.ort_graphs = {k: _record(OrtGraphRecord, v, f"extra.ort_graphs.{k}") for k, v in x.ort_graphs.items()}
+        if x.ood is not None:
+            x.ood = _record(OODRecord, x.ood, "extra.ood")
+            x.ood.graph = _record(GraphRecord, x.ood.graph, "extra.ood.graph")
+            x.ood.stats = _record(FileRecord, x.ood.stats, "extra.ood.stats")
+        if x.validation is not None:
+            x.validation = _record(ExportValidation, x.validation, "extra.validation")
+        return x
+
+
+def _record(cls, d: Any, where: str):
+    """cls(**d) for a JSON object d whose keys are cls's fields (those with defaults may be left out)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    unknown, missing = set(d) - names, required - set(d)
+    if unknown or missing:
+        raise ValueError(f"{where} keys do not match: unknown {sorted(unknown)}, missing {sorted(missing)}")
+    return cls(**d)
+
+
+@dataclass
 class Manifest:
     preset: str                 # name of the config preset the models were trained with
     batch: int                  # slices per fixed-shape batch (graphs have static shapes)
@@ -155,11 +243,11 @@ class Manifest:
     mask_id: int                # [MASK] token id (= K)
     grid: int = GRID            # token grid side (20 -> 400 tokens)
     threshold: float | None = None     # calibrated anomaly-score threshold, None if not calibrated
-    scan_score: str | None = None      # chosen scan-level OOD score (extra["ood"] has its files), None if none
+    scan_score: str | None = None      # chosen scan-level OOD score (extra.ood has its files), None if none
     # name -> {file, sha256, precision, inputs: {name: [shape, dtype]}, outputs: {...}}
     graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)   # graph -> checks against PyTorch
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Extra = field(default_factory=Extra)
     versions: dict[str, str] = field(default_factory=current_versions)
     created: str = field(default_factory=_utc_now)              # UTC, ISO 8601
     format_version: int = FORMAT_VERSION
@@ -209,21 +297,25 @@ class Manifest:
         if unknown or missing:
             raise InputError(path, f"manifest keys do not match: unknown {sorted(unknown)}, "
                                    f"missing {sorted(missing)}")
+        try:
+            d["extra"] = Extra.from_json(d["extra"])
+        except ValueError as e:
+            raise InputError(path, f"manifest {e}") from None
         return cls(**d)
 
     def verify(self, folder: str | Path) -> list[str]:
         """Problems with the graph files in `folder`, and with the OOD scan score's graph and statistics when
-        the export has them (`extra["ood"]`): missing, or bytes that differ from export."""
+        the export has them (`extra.ood`): missing, or bytes that differ from export."""
         folder = Path(folder)
-        files = sorted((f"graph '{name}'", g) for name, g in self.graphs.items())
-        ood = self.extra.get("ood")
-        if ood:
-            files += [("OOD feature graph", ood["graph"]), ("OOD statistics", ood["stats"])]
+        files = [(f"graph '{name}'", g["file"], g["sha256"]) for name, g in sorted(self.graphs.items())]
+        if self.extra.ood is not None:
+            files += [("OOD feature graph", self.extra.ood.graph.file, self.extra.ood.graph.sha256),
+                      ("OOD statistics", self.extra.ood.stats.file, self.extra.ood.stats.sha256)]
         problems = []
-        for what, g in files:
-            p = folder / g["file"]
+        for what, file, sha256 in files:
+            p = folder / file
             if not p.is_file():
                 problems.append(f"{p}: {what} is missing")
-            elif file_sha256(p) != g["sha256"]:
+            elif file_sha256(p) != sha256:
                 problems.append(f"{p}: {what} differs from the exported one (sha256 mismatch)")
         return problems

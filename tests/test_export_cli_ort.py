@@ -1,4 +1,4 @@
-"""`mimood-export` prints the checks of the onnxruntime-only fused-attention graphs (manifest.extra["ort_graphs"])
+"""`mimood-export` prints the checks of the onnxruntime-only fused-attention graphs (manifest.extra.ort_graphs)
 beside those of the standard graphs."""
 from click.testing import CliRunner
 from test_export_graphs import make_random_run
@@ -15,7 +15,7 @@ def test_export_prints_ort_graph_checks(tmp_path):
     k = lines.index(f"manifest: {out / 'manifest.json'}")
     assert lines[k + 1].startswith("onnxruntime-only copies (attention fused")
     m = Manifest.load(out)
-    assert sorted(m.extra["ort_graphs"]) == ["atd", "mvtm_step"]
+    assert sorted(m.extra.ort_graphs) == ["atd", "mvtm_step"]
     for line, name in zip(lines[k + 2:], ("atd", "mvtm_step")):
         words = line.split()
         assert words[:2] == [f"{name}.ort.onnx", "fp32"]

@@ -91,12 +91,12 @@ def test_export_folder_and_manifest(exported):
             assert (g["inputs"], g["outputs"]) == (inputs, outputs), key
             assert all(c["passed"] for c in m.validation[key]) and m.validation[key], key
             onnx.checker.check_model(str(out / g["file"]))
-    assert m.extra["validation"]["blob_slices"] == B // 2 and 0 < m.extra["validation"]["mask_share"] <= 1
+    assert m.extra.validation.blob_slices == B // 2 and 0 < m.extra.validation.mask_share <= 1
     for k in ("vqvae", "atd", "mvtm"):
-        w = m.extra["weights"][k]
-        assert file_sha256(out / w["file"]) == w["sha256"] == file_sha256(run / k / "best.safetensors")
+        w = m.extra.weights[k]
+        assert file_sha256(out / w.file) == w.sha256 == file_sha256(run / k / "best.safetensors")
     if not _has_tensorrt():
-        assert m.extra["engines"] == "TensorRT not available: tensorrt not installed; ONNX graphs written"
+        assert m.extra.engines == "TensorRT not available: tensorrt not installed; ONNX graphs written"
     assert not list(out.parent.glob(".export.*"))     # no temporary folder left
 
 
@@ -111,7 +111,7 @@ def _has_tensorrt():
 def test_fp16_graphs_are_half_precision_where_intended(exported):
     _, out, m = exported
     for name in GRAPHS:
-        assert m.extra["fp16"][f"{name}.fp16"]["nodes_fp16"] > 0, name
+        assert m.extra.fp16[f"{name}.fp16"]["nodes_fp16"] > 0, name
     enc = onnx.load(str(out / "encode.fp16.onnx"))
     prec = {n.op_type: node_precisions(enc).get(n.name) for n in enc.graph.node}
     assert prec["Conv"] == "fp16" and prec["MatMul"] == prec["ArgMin"] == "fp32"   # VQ search in fp32

@@ -45,12 +45,12 @@ def exported(tmp_path_factory):
 def test_manifest_records_the_ort_copies_beside_the_graphs(exported):
     _, out, m = exported
     assert sorted(m.graphs) == ["atd", "decode_score", "encode", "mvtm_step"]   # every backend reads these
-    assert sorted(m.extra["ort_graphs"]) == sorted(ORT_GRAPHS)
-    for name, g in m.extra["ort_graphs"].items():
-        assert (g["file"], g["source"], g["precision"]) == (f"{name}.ort.onnx", f"{name}.onnx", "fp32")
-        assert g["sha256"] == file_sha256(out / g["file"])
-        assert (g["inputs"], g["outputs"]) == (m.graphs[name]["inputs"], m.graphs[name]["outputs"])
-        assert g["rewrites"] == {"attention": DEPTH, "multi_head_attention": DEPTH, "split_qkv": 3 * DEPTH,
+    assert sorted(m.extra.ort_graphs) == sorted(ORT_GRAPHS)
+    for name, g in m.extra.ort_graphs.items():
+        assert (g.file, g.source, g.precision) == (f"{name}.ort.onnx", f"{name}.onnx", "fp32")
+        assert g.sha256 == file_sha256(out / g.file)
+        assert (g.inputs, g.outputs) == (m.graphs[name]["inputs"], m.graphs[name]["outputs"])
+        assert g.rewrites == {"attention": DEPTH, "multi_head_attention": DEPTH, "split_qkv": 3 * DEPTH,
                                  "qkv_bias_in_attention": DEPTH, "count_in_float": int(name == "mvtm_step")}
         checks = m.validation[f"{name}.ort"]
         assert checks and all(c["passed"] for c in checks), checks

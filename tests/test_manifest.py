@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mimood.config import preset
-from mimood.contract import Manifest, atomic_write, file_sha256
+from mimood.contract import FileRecord, Manifest, atomic_write, file_sha256
 from mimood.errors import InputError
 
 
@@ -27,7 +27,8 @@ def _manifest(tmp_path):
     m = Manifest.from_config(cfg, threshold=0.125, scan_score="mean_top1pct")
     m.add_graph("atd", _tiny_graph(tmp_path / "atd.onnx"), "fp32")
     m.validation["atd"] = [{"name": "p", "passed": True, "max_abs_err": 1e-6}]
-    m.extra["note"] = "test"
+    m.extra.opset = 20
+    m.extra.weights["atd"] = FileRecord("weights/atd.safetensors", "0" * 64)
     return m
 
 
@@ -107,3 +108,20 @@ def test_atomic_write_temporaries_are_unique_per_call(tmp_path):
         a.write_text("a")
         b.write_text("b")
     assert p.read_text() == "a" and [q.name for q in tmp_path.iterdir()] == ["map.nii.gz"]
+
+
+def test_extra_is_typed_and_load_rejects_unknown_records(tmp_path):
+    m = _manifest(tmp_path)
+    m.save(tmp_path / "manifest.json")
+    back = Manifest.load(tmp_path)
+    assert back.extra.weights["atd"] == FileRecord("weights/atd.safetensors", "0" * 64)
+    assert (back.extra.opset, back.extra.ood, back.extra.ort_graphs) == (20, None, {})
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    for edit, message in ((lambda e: e["weights"]["atd"].update(size=1),
+                           r"extra.weights.atd keys do not match: unknown \['size'\]"),
+                          (lambda e: e.update(note="test"), r"extra keys do not match: unknown \['note'\]")):
+        bad = json.loads(json.dumps(d))
+        edit(bad["extra"])
+        (tmp_path / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=message):
+            Manifest.load(tmp_path)

@@ -97,9 +97,9 @@ def test_export_records_the_scan_score_and_checks_its_files(run, export, tmp_pat
     bundle = Bundle.open(export)
     m = bundle.manifest
     scorer = OODScorer.load(run[0])
-    assert m.scan_score == scorer.scan_score_name == m.extra["ood"]["scan_score"]
-    assert m.extra["ood"]["aggregation"] == scorer.meta["aggregation"]
-    assert m.extra["ood"]["graph"]["inputs"] == {"tokens": [[B, 400], "int32"]}
+    assert m.scan_score == scorer.scan_score_name == m.extra.ood.scan_score
+    assert m.extra.ood.aggregation == scorer.meta["aggregation"]
+    assert m.extra.ood.graph.inputs == {"tokens": [[B, 400], "int32"]}
     assert (export / OOD_FILE).read_bytes() == (run[0] / OOD_FILE).read_bytes()
 
     import shutil
@@ -115,7 +115,7 @@ def test_export_records_the_scan_score_and_checks_its_files(run, export, tmp_pat
 def test_onnx_features_match_pytorch(run, export):
     from mimood.runtime.ood import OODRuntime
 
-    ood = OODRuntime.open(export, Bundle.open(export).manifest.extra["ood"])
+    ood = OODRuntime.open(export, Bundle.open(export).manifest.extra.ood)
     mvtm, _ = load_model(run[0] / "mvtm" / "best.safetensors")
     graph = FeatureGraph(mvtm, ood.scorer.meta["pass_type"])
     tokens = np.load(run[0] / "data" / "tokens.npz")["val"][:B + 3].astype(np.int32)   # two batches, padded

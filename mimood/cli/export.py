@@ -54,15 +54,15 @@ def main(run, out, fp16, batch, R, T, lam, no_validate):
         checks = m.validation.get(key)
         status = "; ".join(_summary(c) for c in checks) if checks else "not validated"
         click.echo(f"  {g['file']:<22} {g['precision']}  {status}")
-    click.echo(m.extra.get("engines", "TensorRT engines: not built"))
+    click.echo(m.extra.engines or "TensorRT engines: not built")
     click.echo(f"manifest: {out / 'manifest.json'}")
-    ort_graphs = m.extra.get("ort_graphs", {})
+    ort_graphs = m.extra.ort_graphs
     if ort_graphs:
         click.echo("onnxruntime-only copies (attention fused; --backend ort runs them on the CPU at fp32):")
     for name, g in ort_graphs.items():
         checks = m.validation.get(f"{name}.ort")
         status = "; ".join(_summary(c) for c in checks) if checks else "not validated"
-        click.echo(f"  {g['file']:<22} {g['precision']}  {status}")
+        click.echo(f"  {g.file:<22} {g.precision}  {status}")
 
 
 if __name__ == "__main__":

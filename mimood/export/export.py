@@ -20,13 +20,13 @@ Manifest keys: `graphs[k]` and `validation[k]` use the graph file's stem as k: "
 are always written; `--fp16` adds the fp16 ones.
 
 The onnxruntime-only copies are not in `graphs` (every backend, TensorRT included, may pick any graph listed
-there): `extra["ort_graphs"][step]` records them, for step "atd" and "mvtm_step", with the same fields as a
+there): `extra.ort_graphs[step]` records them, for step "atd" and "mvtm_step", with the same fields as a
 `graphs` entry (file, sha256, precision "fp32", inputs, outputs) plus `source` (the standard graph they were
 made from) and `rewrites` (how many times each rewrite applied); their checks are `validation["atd.ort"]`
 and `validation["mvtm_step.ort"]`. An onnxruntime backend on the CPU should run them instead of atd.onnx and
 mvtm_step.onnx (same inputs and outputs), after checking the hash as for any graph.
 
-`extra["ood"]` (only with OOD statistics) records the scan score: `graph` (file, sha256, precision, inputs,
+`extra.ood` (only with OOD statistics) records the scan score: `graph` (file, sha256, precision, inputs,
 outputs), `stats` (file, sha256), and from the fit the chosen score (`scan_score`, also the manifest's
 `scan_score`), `pass_type`, `aggregation` (brain-token threshold, top-k share of tokens per slice, top-m
 slices per scan), the MVTM's hash and the healthy reference; its check is `validation["ood_features"]`.
@@ -53,7 +53,8 @@ import onnx
 import torch
 
 from mimood.config import RunConfig
-from mimood.contract import MANIFEST_NAME, Manifest, atomic_write, file_sha256, graph_io
+from mimood.contract import (MANIFEST_NAME, ExportValidation, FileRecord, GraphRecord, Manifest, OODRecord,
+                             OrtGraphRecord, atomic_write, file_sha256, graph_io)
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
 from mimood.export.graphs import (GRAPHS, IO_NAMES, OPSET, ORT_GRAPHS, build_modules, example_inputs,
@@ -158,13 +159,13 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
                     manifest.add_graph(key, path, precision)
                 elif precision == "fp16":
                     report = export_fp16(name, tmp / f"{name}.onnx", path)
-                    manifest.extra.setdefault("fp16", {})[key] = {k: v for k, v in report.items() if k != "io"}
+                    manifest.extra.fp16[key] = {k: v for k, v in report.items() if k != "io"}
                     manifest.add_graph(key, path, precision)
                 else:   # onnxruntime-only: recorded beside `graphs`, not in it (module docstring)
                     rewrites = export_ort(tmp / f"{name}.onnx", path)
-                    manifest.extra.setdefault("ort_graphs", {})[name] = {
-                        "file": path.name, "sha256": file_sha256(path), "precision": "fp32", **graph_io(path),
-                        "source": f"{name}.onnx", "rewrites": rewrites}
+                    manifest.extra.ort_graphs[name] = OrtGraphRecord(
+                        path.name, file_sha256(path), "fp32", **graph_io(path), source=f"{name}.onnx",
+                        rewrites=rewrites)
                 if validate:
                     tol = TOLERANCES["fp16" if precision == "fp16" else "fp32"]   # the ort copies compute in fp32
                     checks = check_graph(name, path, feeds[name], want[name], tol, lam)
@@ -176,28 +177,28 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
                     if failed:
                         raise ValidationError(f"{path.name} does not match PyTorch: {'; '.join(failed)}")
         if validate:
-            manifest.extra["validation"] = {
-                "source": source, "slices": batch, "blob_slices": n_blob, "lam": float(lam),
-                "forced_mask": FORCED_MASK, "mask_share": float(feeds["mvtm_step"]["mask"].mean()),
-                "seed": SEED, "runtime": "onnxruntime CPUExecutionProvider",
-                "tolerances": {p: asdict(t) for p, t in TOLERANCES.items() if p in precisions}}
+            manifest.extra.validation = ExportValidation(
+                source=source, slices=batch, blob_slices=n_blob, lam=float(lam),
+                forced_mask=FORCED_MASK, mask_share=float(feeds["mvtm_step"]["mask"].mean()),
+                seed=SEED, runtime="onnxruntime CPUExecutionProvider",
+                tolerances={p: asdict(t) for p, t in TOLERANCES.items() if p in precisions})
         weights = tmp / "weights"
         weights.mkdir()
         for k in MODELS:
             shutil.copyfile(run / k / "best.safetensors", weights / f"{k}.safetensors")
-        manifest.extra["weights"] = {k: {"file": f"weights/{k}.safetensors",
-                                         "sha256": file_sha256(weights / f"{k}.safetensors")} for k in MODELS}
+        manifest.extra.weights = {k: FileRecord(f"weights/{k}.safetensors", file_sha256(weights / f"{k}.safetensors"))
+                                  for k in MODELS}
         if (run / OOD_FILE).exists():
             say(f"exporting {OOD_GRAPH}")
             export_ood(run, tmp, models["mvtm"], batch, manifest, x if validate else None)
         manifest.versions["onnxscript"] = metadata.version("onnxscript")
         if fp16:
             manifest.versions["nvidia-modelopt"] = metadata.version("nvidia-modelopt")
-        manifest.extra["opset"] = OPSET
+        manifest.extra.opset = OPSET
         _carry_engines(out, tmp)
         if build_engines:
-            manifest.extra["engines"] = make_engines(tmp, [k for k in manifest.graphs
-                                                           if k.endswith(".fp16") == fp16], manifest, say)
+            manifest.extra.engines = make_engines(tmp, [k for k in manifest.graphs
+                                                        if k.endswith(".fp16") == fp16], manifest, say)
         manifest.save(tmp / MANIFEST_NAME)
         _replace(tmp, out)
     except BaseException:
@@ -240,10 +241,10 @@ def export_ood(run: Path, folder: Path, mvtm, batch: int, manifest: Manifest, x:
             raise ValidationError(f"{path.name} does not match PyTorch: {'; '.join(failed)}")
     shutil.copyfile(run / OOD_FILE, folder / OOD_FILE)
     manifest.scan_score = scorer.scan_score_name
-    manifest.extra["ood"] = {
-        **{k: v for k, v in scorer.summary().items() if k != "file"},
-        "graph": {"file": path.name, "sha256": file_sha256(path), "precision": "fp32", **graph_io(path)},
-        "stats": {"file": OOD_FILE, "sha256": file_sha256(folder / OOD_FILE)}}
+    manifest.extra.ood = OODRecord(
+        graph=GraphRecord(path.name, file_sha256(path), "fp32", **graph_io(path)),
+        stats=FileRecord(OOD_FILE, file_sha256(folder / OOD_FILE)),
+        **{k: v for k, v in scorer.summary().items() if k != "file"})
 
 
 def check_graph(name: str, path: Path, feeds: dict[str, np.ndarray], want: dict[str, np.ndarray],

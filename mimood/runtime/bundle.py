@@ -46,7 +46,7 @@ class Bundle:
             if _base(key) not in GRAPHS:
                 raise InputError(folder / MANIFEST_NAME, f"graph {key!r} is not one of the loop steps {GRAPHS}")
             io = want[_base(key)]
-            got = recorded_io(g)
+            got = recorded_io(g["inputs"], g["outputs"])
             if got != io:
                 raise InputError(folder / g["file"], f"graph I/O {got} does not match the loop contract {io} "
                                                      f"for batch {manifest.batch}, R {manifest.R}")
@@ -70,18 +70,18 @@ class Bundle:
 
     def ort_graph(self, name: str) -> Path | None:
         """The onnxruntime-only fp32 copy of step `name` (contrib MultiHeadAttention, recorded by the exporter in
-        `manifest.extra["ort_graphs"]`; faster on onnxruntime's CPU provider), checked like the standard graphs;
+        `manifest.extra.ort_graphs`; faster on onnxruntime's CPU provider), checked like the standard graphs;
         None when the export has none for this step."""
-        g = self.manifest.extra.get("ort_graphs", {}).get(name)
+        g = self.manifest.extra.ort_graphs.get(name)
         if g is None:
             return None
-        path = self.folder / g["file"]
+        path = self.folder / g.file
         if not path.is_file():
             raise InputError(path, f"onnxruntime graph for '{name}' is missing")
-        if file_sha256(path) != g["sha256"]:
+        if file_sha256(path) != g.sha256:
             raise InputError(path, f"onnxruntime graph for '{name}' differs from the exported one (sha256 mismatch)")
         want = expected_io(self.manifest.batch, self.manifest.R)[name]
-        got = recorded_io(g)
+        got = recorded_io(g.inputs, g.outputs)
         if got != want:
             raise InputError(path, f"graph I/O {got} does not match the loop contract {want}")
         return path
@@ -94,8 +94,8 @@ class Bundle:
         p = self.folder / "weights" / f"{kind}.safetensors"
         if not p.is_file():
             raise InputError(p, "checkpoint not found in the export folder (needed by the torch backend)")
-        recorded = self.manifest.extra.get("weights", {}).get(kind, {}).get("sha256")
-        if recorded is not None and file_sha256(p) != recorded:
+        recorded = self.manifest.extra.weights.get(kind)
+        if recorded is not None and file_sha256(p) != recorded.sha256:
             raise InputError(p, "differs from the exported checkpoint (sha256 mismatch)")
         return p
 

@@ -9,7 +9,7 @@ so a folder of small scans wastes no padding, and memory holds only the scans wh
 (at most one batch's worth of scans plus the one being read). A scan's outputs are written as soon as its
 last slice is restored.
 
-Scan score: with an export that has OOD statistics (manifest.extra["ood"]), each batch's input tokens and the
+Scan score: with an export that has OOD statistics (manifest.extra.ood), each batch's input tokens and the
 engine's encoding of its left-right mirrored slices (the `mirror` score) go through the MVTM features computed
 in onnxruntime from the export's feature graph (mimood.runtime.ood, the same on every backend); report.csv's
 scan_score is then the chosen OOD score, and map_score the anomaly-map score (`outputs`). provenance.json
@@ -196,8 +196,8 @@ class InferJob:
         self.engine = load_engine(self.bundle, self.backend, self.precision)
         self.cfg = self.bundle.restore_config()
         self.say(f"backend: {self.engine.detail} ({self.engine.reason})")
-        info = self.bundle.manifest.extra.get("ood")
-        self.ood = OODRuntime.open(self.bundle.folder, info) if info else None
+        info = self.bundle.manifest.extra.ood
+        self.ood = OODRuntime.open(self.bundle.folder, info) if info is not None else None
         if self.ood is None:
             self.say("the export has no OOD statistics: the scan score is the anomaly-map score")
         m = self.bundle.manifest

@@ -4,14 +4,14 @@ The exporter (mimood.export.export) writes, when the run has fitted OOD statisti
     ood_features.onnx     the run's FeatureGraph (tokens [B, N] int32 -> h [B, N, d] float32, the fitted pass
                           type, static batch B = the loop graphs' batch), validated against PyTorch
     ood.safetensors       the fitted statistics (mimood.train.ood_fit)
-and records them in manifest.extra["ood"] (files, hashes, graph I/O, the chosen score, its aggregation, the
+and records them in manifest.extra.ood (files, hashes, graph I/O, the chosen score, its aggregation, the
 healthy reference) and the chosen score's name in manifest.scan_score.
 
 Features run in onnxruntime whatever backend restores the slices (TensorRT, torch, onnxruntime), so the OOD
 score of a scan is the same number on every backend. Tokens come from the restoring engine's own encoder, and so
 do the tokens of the left-right mirrored slices that the `mirror` score needs (one more encode per batch).
 
-    ood = OODRuntime.open(folder, manifest.extra["ood"])
+    ood = OODRuntime.open(folder, manifest.extra.ood)
     parts = ood.parts(tokens, images, mirror_tokens)   # per batch: [n, N] int32 tokens, [n, H, W] slices
     report = ood.score(SliceParts.cat(...))     # per scan: {"score", "value", "z", "percentile", ...}
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mimood.contract import OODRecord
 from mimood.errors import InputError
 from mimood.ood.scan import OODScorer, SliceParts, brain_share
 
@@ -34,19 +35,19 @@ class OODRuntime:
         self.session, self.scorer, self.batch, self.provider = session, scorer, batch, provider
 
     @classmethod
-    def open(cls, folder: str | Path, info: dict, providers: list[str] | None = None) -> "OODRuntime":
-        """Load the graph and statistics named by `info` (= manifest.extra["ood"]; their hashes are checked by
+    def open(cls, folder: str | Path, info: OODRecord, providers: list[str] | None = None) -> "OODRuntime":
+        """Load the graph and statistics named by `info` (= manifest.extra.ood; their hashes are checked by
         Manifest.verify when the bundle is opened)."""
         import onnxruntime as ort
 
         folder = Path(folder)
-        graph, stats = folder / info["graph"]["file"], folder / info["stats"]["file"]
+        graph, stats = folder / info.graph.file, folder / info.stats.file
         try:
             session = ort.InferenceSession(str(graph), providers=providers or [CPU])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise InputError(graph, f"onnxruntime cannot load the OOD feature graph: {e}") from None
         scorer = OODScorer.load(stats)
-        batch = int(info["graph"]["inputs"]["tokens"][0][0])
+        batch = int(info.graph.inputs["tokens"][0][0])
         return cls(session, scorer, batch, session.get_providers()[0])
 
     @property

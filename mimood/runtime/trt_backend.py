@@ -39,7 +39,7 @@ def trt_plan(bundle: Bundle, precision: str = "fp32") -> dict[str, StepPlan]:
     for step in GRAPHS:
         path = bundle.graph(step, precision)
         entry = next(g for g in bundle.manifest.graphs.values() if g["file"] == path.name)
-        got = recorded_io(entry)
+        got = recorded_io(entry["inputs"], entry["outputs"])
         if got != want[step]:
             raise InputError(path, f"graph I/O {got} does not match the loop contract {want[step]}")
         plan[step] = StepPlan(path, entry["precision"], got["inputs"], got["outputs"])
