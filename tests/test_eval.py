@@ -19,6 +19,7 @@ from mimood.eval.calibrate import calibrate, load_calibration, synthetic_corrupt
 from mimood.eval.evaluate import CaseResult, EvalResult, evaluate
 from mimood.eval.methods import available_methods
 from mimood.eval.metrics import pixel_metrics, token_metrics
+from mimood.eval.report import evaluate_run
 from mimood.eval.tables import case_table, pixel_table, time_table, to_json, token_table
 from mimood.eval.token_critic import critic_objective, train_token_critic
 from mimood.models.checkpoint import load_model, read_info, save_model
@@ -255,6 +256,21 @@ def test_cli_adds_the_scan_level_ood_table_when_the_run_has_ood_statistics(tiny,
             assert set(v) == {"auroc", "aupr", "fpr95"} and all(0.0 <= x <= 1.0 for x in v.values())
     assert set(j["token"]) >= {"intensity", "vim", "residual"} and j["ood"]["scan_score"] in scores
     assert "OOD scores" in r.output
+
+
+def test_evaluate_run_is_the_cli_without_click(tiny, tmp_path):
+    """What mimood-eval does, from Python: the JSON contract returned and written, the tables said, no ood table
+    without statistics."""
+    run, test = tiny
+    said, notes = [], []
+    report = evaluate_run(run, test, json_path=tmp_path / "e.json", methods=("intensity",), max_cases=1,
+                          slice_stride=4, T=1, progress=False, say=said.append, note=notes.append)
+    assert report.result == json.loads((tmp_path / "e.json").read_text())
+    assert set(report.result["pixel"]) == {"intensity"} and report.result["settings"]["cases"] == 1
+    assert "Pixel level" in report.text and any("Pixel level" in line for line in said)
+    assert any("no scan-level OOD table" in s for s in said) and report.calibration == load_calibration(run)
+    with pytest.raises(ValueError, match="give data"):
+        evaluate_run(run)
 
 
 def test_cli_reports_bad_input_in_one_line(tiny, tmp_path):

@@ -1,4 +1,5 @@
-"""`mimood-eval`: calibrate a run on its healthy hold-out, then compare MIM-OOD with the baselines on labelled scans.
+"""`mimood-eval`: calibrate a run on its healthy hold-out, then compare MIM-OOD with the baselines on labelled scans
+(thin over `mimood.eval.report.evaluate_run`).
 
     mimood-eval --run DIR --data DIR [--modality t2] [--json FILE] [--png DIR] [-R 4] [-T 8] [--lam 0.005]
                 [--methods mimood,ar,mvtm_likelihood,token_critic,intensity] [--max-cases N] [--slice-stride K]
@@ -9,15 +10,12 @@
 """
 from __future__ import annotations
 
-import json
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from mimood.cli._common import friendly_errors
 from mimood.config import LAM_PERCENTILE
-from mimood.data.io import atomic_write
 
 
 def _methods(value: str | None) -> tuple[str, ...] | None:
@@ -71,72 +69,15 @@ def main(run, data, modality, json_path, png_dir, R, T, lam, seed, methods, max_
     """Evaluate MIM-OOD and its baselines (AR restoration, MVTM likelihood, MVTM + Token Critic, intensity) on
     labelled scans: token- and pixel-level tables as in the paper, per-case Dice, inference time. Pixel metrics are
     inside the brain. The thresholds come from RUN/calibration.json (made first if missing)."""
-    from mimood.config import RunConfig
-    from mimood.eval.calibrate import CALIBRATION, calibrate, load_calibration
-    from mimood.eval.evaluate import evaluate
-    from mimood.eval.methods import available_methods
-    from mimood.eval.tables import TABLES, format_table, to_json
+    from mimood.eval.report import evaluate_run
 
     if data is None and not (recalibrate or train_critic):
         raise click.UsageError("give --data (scans to evaluate), --calibrate or --train-critic")
-    if train_critic:
-        from mimood.eval.token_critic import train_token_critic
-        result = train_token_critic(run, progress=not quiet)
-        click.echo(f"trained {run / 'critic'}: {result.steps} steps in {result.seconds:.0f} s, val {result.last_val}")
-        recalibrate = True                                    # the critic needs its threshold
-    run_cfg = RunConfig.load(run / "config.json").restore
-    cal = load_calibration(run)
-    uncalibrated = [m for m in (methods or available_methods(run)) if cal and m not in cal.get("methods", {})]
-    if recalibrate or cal is None or (data is not None and uncalibrated):
-        if cal is None and not recalibrate:
-            click.echo(f"{run} has no {CALIBRATION}: calibrating on its healthy hold-out first", err=True)
-        elif not recalibrate:        # e.g. mimood-demo calibrates MIM-OOD only: add the baselines' thresholds
-            click.echo(f"{run / CALIBRATION} has no thresholds for {', '.join(uncalibrated)}: recalibrating",
-                       err=True)
-        # the --methods given (default: every method the run has), with the run's own loop settings
-        # (-R/-T/--lam/--seed are evaluation options);
-        # --slice-stride also thins the hold-out slices restored for the voxel thresholds
-        cal = calibrate(run, run_cfg, methods, lam_percentile=None if paper_lam else lam_percentile,
-                        voxel_percentile=voxel_percentile, slice_stride=slice_stride, progress=not quiet)
-        click.echo(f"wrote {run / CALIBRATION}: " + ", ".join(
-            f"{m} lam={v['lam']:.4g} thr={v['threshold']:.4g}" if "lam" in v else f"{m} thr={v['threshold']:.4g}"
-            for m, v in cal["methods"].items()))
-    if data is None:
-        return
-    overrides = {k: v for k, v in (("R", R), ("T", T), ("seed", seed)) if v is not None}
-    res = evaluate(run, data, replace(run_cfg, **overrides), methods, lam=lam, modality=modality, max_cases=max_cases,
-                   slice_stride=slice_stride, progress=not quiet)
-    s = res.settings
-    for path in s["skipped_unlabelled"]:
-        click.echo(f"skipped {path}: no label", err=True)
-    lams = ", ".join(f"{m}={v:.4g}" for m, v in s["lams"].items())
-    click.echo(f"{s['cases']} cases, {s['slices']} slices (stride {s['slice_stride']}), R={s['R']} T={s['T']} "
-               f"seed={s['seed']}" + (f", token thresholds {lams}" if lams else ""))
-    if lam is not None or (s["calibration"]["R"], s["calibration"]["T"]) != (s["R"], s["T"]):
-        click.echo(f"note: calibrated thresholds were chosen with R={s['calibration']['R']} "
-                   f"T={s['calibration']['T']} lam={s['calibration']['lam']:.4g}")
-    tables = [fn(res) for fn in TABLES]
-    for t in tables:
-        click.echo("\n" + format_table(t))
-    result = to_json(res, tables)
-    if not no_ood and (run / "ood.safetensors").exists():
-        # MOODv2 scores on MVTM features: scan.<score>, slice.<score> and token.<score> beside the methods' rows
-        from mimood.eval.ood import eval_tables
-        ood, text = eval_tables(run, data, modality, max_cases, slice_stride, progress=not quiet)
-        click.echo("\n" + text)
-        result["scan"], result["slice"] = ood["scan"], ood["slice"]
-        result.setdefault("token", {}).update(ood["token"])
-        result["ood"] = {k: ood[k] for k in ("counts", "aggregation", "scan_score")}
-    elif not no_ood:
-        click.echo(f"\n(no scan-level OOD table: {run} has no ood.safetensors; run `mimood-train ood --run {run}`)")
-    if json_path is not None:
-        with atomic_write(json_path) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-        click.echo(f"\nwrote {json_path}")
-    if png_dir is not None:
-        from mimood.eval.pictures import save_overlays
-        paths = save_overlays(res, png_dir)
-        click.echo(f"wrote {len(paths)} pictures to {png_dir}")
+    evaluate_run(run, data, modality=modality, json_path=json_path, png_dir=png_dir, R=R, T=T, lam=lam, seed=seed,
+                 methods=methods, max_cases=max_cases, slice_stride=slice_stride, recalibrate=recalibrate,
+                 lam_percentile=None if paper_lam else lam_percentile, voxel_percentile=voxel_percentile,
+                 train_critic=train_critic, ood=not no_ood, progress=not quiet, say=click.echo,
+                 note=lambda msg: click.echo(msg, err=True))
 
 
 if __name__ == "__main__":
