@@ -495,6 +495,6 @@ def format_table(bench: Bench) -> str:
 
 
 def save_json(bench: Bench, path: str | Path) -> None:
-    from mimood.data.io import atomic_write
+    from mimood.contract import atomic_write
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(bench.to_json(), indent=2) + "\n")

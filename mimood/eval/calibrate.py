@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mimood.config import GRID, LAM_PERCENTILE, MaskConfig, RestoreConfig, RunConfig
-from mimood.data.io import atomic_write
+from mimood.contract import atomic_write
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
 from mimood.eval.baselines import MVTMLikelihood, ar_nll

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mimood.data.io import atomic_write
+from mimood.contract import atomic_write
 from mimood.eval.evaluate import CaseResult, EvalResult
 from mimood.eval.tables import PAPER_NAMES
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mimood.config import DAEConfig, TransformerConfig, VQConfig, from_dict
-from mimood.data.io import atomic_write
+from mimood.contract import atomic_write
 from mimood.errors import InputError
 from mimood.models.transformer import TASKS, TokenTransformer
 from mimood.models.vqvae import VQVAE

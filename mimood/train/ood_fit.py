@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mimood.config import GRID, RunConfig
 from mimood.contract import file_sha256
-from mimood.data.io import atomic_write
+from mimood.contract import atomic_write
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
 from mimood.models.checkpoint import load_model

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mimood.config import OptimConfig
-from mimood.data.io import atomic_write
+from mimood.contract import atomic_write
 from mimood.models.checkpoint import save_model
 
 LossFn = Callable[[nn.Module, int, np.random.Generator], tuple[torch.Tensor, dict[str, float]]]
