@@ -156,6 +156,25 @@ def test_ood_runtime_needs_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_ood_scan_score_in_the_runtime_only_install(run, export, tmp_path):
+    """The OOD scan score with torch, MONAI, scikit-learn and matplotlib impossible to import
+    (tests/test_runtime_only.py's blocker): the same score as with them."""
+    from test_runtime_only import infer
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_volume(inp / "scan.nii.gz", seed=7)
+    res = infer([str(inp), "-o", str(tmp_path / "lean"), "--export", str(export), "--backend", "ort"])
+    assert res.returncode == 0, res.stderr
+    infer_folder(inp, tmp_path / "full", export, backend="ort", progress=False)
+    rows = []
+    for out in ("lean", "full"):
+        with open(tmp_path / out / "report.csv", newline="") as f:
+            rows.append(next(csv.DictReader(f)))
+    assert rows[0]["score_name"] == rows[1]["score_name"] == "ood.mirror"
+    assert float(rows[0]["scan_score"]) == pytest.approx(float(rows[1]["scan_score"]), rel=1e-6)
+
+
 def test_eval_tables_on_a_labelled_folder(run, tmp_path):
     from mimood.eval.ood import eval_tables
 
