@@ -47,8 +47,9 @@ from mimood.ood.scan import SliceParts
 from mimood.runtime.batching import Batch, Packer, infer_slices, restore_batch
 from mimood.runtime.bundle import BACKENDS, PRECISIONS, Bundle
 from mimood.runtime.ood import OODRuntime
-from mimood.runtime.outputs import (Row, geometry_summary, output_paths, png_writer, read_report, write_json,
-                                    write_report, write_scan)
+from mimood.runtime.outputs import (Row, geometry_summary, output_paths, read_report, write_json, write_report,
+                                    write_scan)
+from mimood.runtime.overlay import NO_MATPLOTLIB, overlay_available
 
 __all__ = ["BACKENDS", "InferJob", "Report", "ScanState", "infer_folder", "infer_slices", "load_engine",
            "pick_backend"]
@@ -171,7 +172,7 @@ class InferJob:
         tag = "" if N == 1 else f".part{I}of{N}"
         self.report_path, self.prov_path = self.out / f"report{tag}.csv", self.out / f"provenance{tag}.json"
         self.threshold = self.bundle.manifest.threshold
-        self.png = png_writer() is not None
+        self.png = overlay_available()
         self.notes: list[str] = []
         self.rows: dict[int, Row] = {}               # case key -> its report row (finished or failed)
         self.scans: dict[str, dict] = {}             # input file -> geometry summary (+ OOD report)
@@ -187,7 +188,7 @@ class InferJob:
         if self.threshold is None:
             self.say("the export has no calibrated threshold: no masks written, anomalous volume left empty")
         if not self.png:
-            self.say("matplotlib is not installed: no PNG overlays (pip install 'mimood[png]')")
+            self.say(NO_MATPLOTLIB)
         if self.resume:
             self.rows, self.scans = _finished(self.cases, self.out, self.report_path, self.prov_path,
                                               self.bundle.sha256, self.threshold is not None, self.png)

@@ -113,25 +113,16 @@ def overlay_slices(brain: np.ndarray, maps: np.ndarray, threshold: float | None,
     return np.sort(order[:n])
 
 
-def png_writer():
-    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (the runtime-only
-    install: no PNG overlays; `infer_folder` says so once)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, threshold: float | None,
                   score: float) -> None:
     """PNG of the OVERLAY_SLICES most anomalous slices, in slice order (overlay_slices); nothing without
-    matplotlib (png_writer)."""
-    plt = png_writer()
-    if plt is None:
+    matplotlib (the runtime-only install; `infer_folder` says so once: runtime.overlay.NO_MATPLOTLIB)."""
+    try:
+        import matplotlib
+    except ImportError:
         return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     pick = overlay_slices(slices.brain, maps, threshold)
     vmax = max(float(maps.max()), 1e-6)
