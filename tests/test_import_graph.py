@@ -2,10 +2,12 @@
 inside a function: a lazy import is an arrow too) between the package's rooms runs one way, down this order,
 and no module imports itself through others.
 
-    cli > bench, pipeline > eval > export > train > runtime > ood > models, restore > data > contract > config, errors
+    cli, testing > bench, pipeline > eval > export > train > runtime > ood > models, restore > data > contract
+        > thresholds > config, errors
 
 A room may import its own modules and those of any room further down; rooms on one level import neither
-each other nor anything above. `python tests/test_import_graph.py` prints the room graph.
+each other nor anything above. `testing` (fuzz inputs for tests and benchmarks) sits at the top: nothing in the
+package imports it. `python tests/test_import_graph.py` prints the room graph.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mimood"
-ORDER = [("config", "errors"), ("contract",), ("data",), ("models", "restore"), ("ood",), ("runtime",), ("train",),
-         ("export",), ("eval",), ("bench", "pipeline"), ("cli",)]
+ORDER = [("config", "errors"), ("thresholds",), ("contract",), ("data",), ("models", "restore"), ("ood",),
+         ("runtime",), ("train",), ("export",), ("eval",), ("bench", "pipeline"), ("cli", "testing")]
 LEVEL = {room: i for i, rooms in enumerate(ORDER) for room in rooms}
 HEAVY = ("torch", "monai", "sklearn", "matplotlib", "onnx", "onnxscript", "einops", "modelopt", "tensorrt")
 
@@ -162,7 +164,7 @@ def main() -> None:
     for level in reversed(ORDER):
         for r in level:
             out = sorted((d for s, d in rooms if s == r), key=lambda d: -LEVEL[d])
-            print(f"  {r:<9} -> " + (", ".join(f"{d} ({rooms[r, d]})" for d in out) or "-"))
+            print(f"  {r:<10} -> " + (", ".join(f"{d} ({rooms[r, d]})" for d in out) or "-"))
     print(f"circles: {cycles(edges) or 'none'}; imports running up: {upward(edges, raw) or 'none'}")
     loaded = reachable("mimood.cli.infer", edges, raw)
     heavy = sorted({t for m in loaded for t, _, top in raw[m] if top and t in HEAVY})
