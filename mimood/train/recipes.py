@@ -26,7 +26,8 @@ from mimood.config import RunConfig
 from mimood.data.augment import intensity_augment, spatial_augment
 from mimood.data.discover import discover
 from mimood.data.io import atomic_write
-from mimood.data.slices import SliceSet, build_slice_set, load_slice_set, save_slice_set, split_by_case
+from mimood.data.slices import (SliceSet, build_slice_set, load_slice_set, save_slice_set, source_balance,
+                                split_by_case)
 from mimood.models.checkpoint import build_model, load_model
 from mimood.ood.scan import brain_share
 from mimood.train import objectives
@@ -81,6 +82,7 @@ def prepare_slices(run: Path, cfg: RunConfig, data: Sequence[Path], val_fraction
         if len(slices.names) < 2:
             raise ValueError(f"need at least 2 usable training volumes, found {len(slices.names)}")
         train, val = split_by_case(slices, val_fraction, cfg.seed)
+        train.weight = source_balance(train, weights)   # the shares asked for, over the training volumes
         train_p.parent.mkdir(parents=True, exist_ok=True)
         save_slice_set(train, train_p)
         save_slice_set(val, val_p)
