@@ -198,6 +198,22 @@ def test_real_recipe_material_reaches_the_caches(demo, tmp_path):
     assert str(np.load(out / "data" / "lesion_tokens.npz")["generator"]).endswith("/aug")
 
 
+def test_extra_reference_scans_join_the_ood_reference_once(run, demo):
+    from mimood.ood.scan import OODScorer
+    from mimood.train.ood_fit import add_reference_scans
+
+    out, _ = run
+    before = {k: list(v) for k, v in OODScorer.load(out).meta["reference"].items()}
+    images = sorted((demo / "test" / "images").glob("*.nii.gz"))
+    meta = add_reference_scans(out, [demo / "test" / "images"], progress=False)
+    for name, scores in meta["reference"].items():
+        assert scores[:len(before[name])] == before[name] and len(scores) == len(before[name]) + len(images)
+        assert all(np.isfinite(scores))
+    assert meta["reference_sources"]["extra"] == [str(p) for p in images]
+    again = add_reference_scans(out, [demo / "test" / "images"], progress=False)     # already there: unchanged
+    assert again["reference"] == meta["reference"] == OODScorer.load(out).meta["reference"]
+
+
 def test_resume_of_a_finished_run_trains_nothing(run):
     out, _ = run
     before = (out / "atd" / "last.safetensors").stat().st_mtime_ns

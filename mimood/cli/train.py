@@ -44,12 +44,15 @@ def _init_distributed() -> None:
                    "(default: equal shares), e.g. 1,1.")
 @click.option("--token-aug", is_flag=True,
               help="The token models also see intensity-augmented slices (robustness to other scanners).")
+@click.option("--reference", multiple=True, type=click.Path(exists=True),
+              help="With ood/all: healthy scans not trained on (folder or file; repeatable), scored as extra "
+                   "reference scans of the [0,1] scan score (z-score and percentile need >= 20 references).")
 @click.option("--bf16", is_flag=True, help="CPU bfloat16 autocast (faster on CPUs with AVX-512 bf16).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, hemispheres, source_weights,
-         token_aug, bf16, seed, quiet):
+         token_aug, reference, bf16, seed, quiet):
     """Train the VQ-VAE, the MVTM, the ATD and the AR baseline on healthy scans, then fit the OOD scan score
     (`all`); `dae` and `atd_paper` train the comparison baselines of mimood-eval on the same slices."""
     from mimood.train.recipes import train
@@ -77,7 +80,7 @@ def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, h
             o.warmup_steps = min(o.warmup_steps, steps // 10)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     try:
-        summary = train(what, run, cfg, data, resume=resume, progress=not quiet)
+        summary = train(what, run, cfg, data, resume=resume, progress=not quiet, reference=reference)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

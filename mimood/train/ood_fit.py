@@ -239,3 +239,43 @@ def fit_ood(run: str | Path, cfg: OODFitConfig | None = None, out: str | Path | 
     with atomic_write(out) as tmp:
         save_file(tensors, str(tmp), metadata={"ood": json.dumps(meta)})
     return meta
+
+
+def add_reference_scans(run: str | Path, folders, progress: bool = True) -> dict:
+    """More healthy reference scans for the scan score's calibration: every volume under `folders` (healthy
+    scans the run did not train on, e.g. held-out synthetic subjects) is preprocessed like inference, scored with
+    the run's fitted statistics, and its scan scores appended to the fit's `reference` (beside the validation
+    volumes'). The [0,1] scan score and the z-score/percentile of mimood-infer are computed against these
+    references (z and percentile need at least 20). Already added volumes are skipped. Returns the metadata."""
+    from safetensors.numpy import load_file
+
+    from mimood.data.discover import discover
+    from mimood.data.preprocess import preprocess
+    from mimood.models.graphs import encode_slices
+    from mimood.ood.scan import brain_share
+
+    run = Path(run)
+    file = run / OOD_FILE
+    scorer = OODScorer.load(file)
+    meta = scorer.meta
+    cfg = RunConfig.load(run / "config.json")
+    vqvae, _ = load_model(run / "vqvae" / "best.safetensors")
+    sources = meta.setdefault("reference_sources", {"validation volumes": len(meta["reference"][SLICE_SCORES[0]]),
+                                                    "extra": []})
+    cases = [c for d in folders for c in discover(d, modality=cfg.data.modality)]
+    for case in tqdm(cases, desc="OOD reference scans", unit="volume", disable=not progress):
+        if str(case.image) in sources["extra"]:
+            continue
+        s = preprocess(case.image, cfg.data)
+        with torch.no_grad():
+            tokens = encode_slices(vqvae, s.images, 32)
+            mirrored = encode_slices(vqvae, mirror_slices(s.images), 32)
+        res = scorer.scores_from_features(scorer.features(tokens), tokens, brain_share(s.images > 0),
+                                          index=s.index, h_mirror=scorer.features(mirrored))
+        for name in SLICE_SCORES:
+            meta["reference"][name].append(res.scan[name])
+        sources["extra"].append(str(case.image))
+    tensors = load_file(str(file))
+    with atomic_write(file) as tmp:
+        save_file(tensors, str(tmp), metadata={"ood": json.dumps(meta)})
+    return meta

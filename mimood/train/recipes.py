@@ -245,9 +245,10 @@ def train_transformer(task: str, run: Path, cfg: RunConfig, tokens: dict[str, np
 
 
 def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path] = (), resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, reference: Sequence[str | Path] = ()) -> dict:
     """Train `what` in {vqvae, mvtm, atd, ar, ood, all} or a baseline {dae, atd_paper} into `run`; returns the
-    summary dict."""
+    summary dict. `reference`: folders of healthy scans the run does not train on, scored after the OOD fit as
+    extra reference scans of the scan score (mimood.train.ood_fit.add_reference_scans)."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     cfg_path = run / "config.json"
@@ -264,6 +265,10 @@ def train(what: str, run: str | Path, cfg: RunConfig, data: Sequence[str | Path]
     for name in todo:
         if name == "ood":
             summary["ood"] = fit_ood_stage(run, resume, summary.get("ood", {}), progress)
+            if reference and world()[0] == 0:              # more healthy reference scans for the scan score
+                from mimood.train.ood_fit import add_reference_scans
+                meta = add_reference_scans(run, [Path(r) for r in reference], progress)
+                summary["ood"]["reference_scans"] = len(meta["reference"][meta["scan_score"]])
             continue
         if name == "vqvae":
             result = train_vqvae(run, cfg, train_set, val_set, resume, progress)
