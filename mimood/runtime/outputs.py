@@ -125,6 +125,8 @@ def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, thres
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mimood.runtime.overlay import missing_glyphs_quiet
+
     pick = overlay_slices(slices.brain, maps, threshold)
     vmax = max(float(maps.max()), 1e-6)
     fig, axes = plt.subplots(1, len(pick), figsize=(2.8 * len(pick), 3.2), squeeze=False)
@@ -138,9 +140,10 @@ def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, thres
         ax.axis("off")
     mask_note = "" if threshold is not None else " (no calibrated threshold: no mask)"
     fig.suptitle(f"{name}: map score {score:.4f}{mask_note}", fontsize=10)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+    with missing_glyphs_quiet():                                              # the text is drawn here
+        fig.tight_layout()
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
 
 
