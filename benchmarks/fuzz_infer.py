@@ -11,17 +11,21 @@ weights). --base: the valid scan the mutations start from (default: a small synt
     inputs                 how many files the folder held
     tracebacks on screen   "Traceback (most recent call last)" in any run's stdout/stderr
     missing rows           inputs with neither a map (an ok row with its files) nor a failure row
-    partial files          temporaries left behind, outputs that do not load
+    partial files          temporaries left behind (also after kill -9 + --continue), outputs that do not load
     silent wrong outputs   mapped where it had to be refused or warned about, outputs shared by two inputs,
-                           exit 0 with a NaN threshold, ...
-and the peak memory and time on each bomb, and whether kill -9 + --continue gives byte-identical outputs with
-no stale temporary. Exit status 0 only when tracebacks, missing rows, partial files and silent wrong outputs are
-all 0. The disk-full and read-only cases need a small tmpfs (root); they are skipped, and say so, without one.
+                           exit 0 with a NaN threshold, --quiet hiding a failure, ...
+    unexpected errors      failure rows of the per-scan catch-all (a bug caught; its traceback in errors.log)
+    stray screen lines     Python's warning display, nibabel's log lines
+    wrong exit codes       not 1 for "some scans failed", 2 for a bad export, 3 for an unusable output folder
+                           or disk, or an error that is not one line
+(mimood.testing.judge counts them) and the peak memory and time on each bomb, whether kill -9 + --continue gives
+byte-identical outputs with no stale temporary, and whether a run stopped by a full disk, with the disk grown,
+finishes with --continue byte-identical. Exit status 0 only when every count is 0. The disk-full and read-only
+cases need a small tmpfs (root); they are skipped, and say so, without one.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -38,9 +42,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mimood.errors import EXIT_FAILED, EXIT_OK, EXIT_OUTPUT, EXIT_USAGE  # noqa: E402
 from mimood.testing.fuzz import FuzzInput, make_inputs, synthetic_scan  # noqa: E402
-
-TRACEBACK = "Traceback (most recent call last)"
+from mimood.testing.judge import (TRACEBACK, judge_folder, partial_files, read_rows, screen_lines,  # noqa: E402
+                                  stray_lines)
 # runs mimood-infer in this process's child and records its peak memory (a kill -9 leaves no file)
 # (VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child would report this script's peak)
 HWM = "int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')).split()[1])"
@@ -86,70 +91,6 @@ class Infer:
         return r
 
 
-def read_rows(path: Path) -> dict[str, dict] | None:
-    """report.csv by input file, or None when it is missing or not a complete csv."""
-    try:
-        with open(path, newline="") as f:
-            return {r["file"]: r for r in csv.DictReader(f)}
-    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
-        return None
-
-
-def partial_files(out: Path) -> list[str]:
-    """Temporaries left in `out` and outputs that do not load (NIfTI) or are not whole PNGs."""
-    bad = []
-    if not out.is_dir():
-        return bad
-    for p in sorted(out.rglob("*")):
-        if not p.is_file():
-            continue
-        if p.name.startswith(".") and ".tmp" in p.name:
-            bad.append(f"{p.name}: temporary left behind")
-        elif p.name.endswith((".nii", ".nii.gz")):
-            try:
-                np.asarray(nib.load(str(p)).dataobj)
-            except Exception as e:  # any failure to read back is a partial file
-                bad.append(f"{p.name}: does not load ({type(e).__name__})")
-        elif p.suffix == ".png" and not p.read_bytes().endswith(b"IEND\xaeB`\x82"):
-            bad.append(f"{p.name}: not a whole PNG")
-    return bad
-
-
-def outputs_of(out: Path) -> dict[str, int]:
-    files = [p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")] if out.is_dir() else []
-    masks = sum(n.endswith("_mask.nii.gz") for n in files)
-    maps = sum(n.endswith((".nii", ".nii.gz")) for n in files) - masks
-    return {"maps": maps, "masks": masks, "pngs": sum(n.endswith(".png") for n in files)}
-
-
-def judge_folder(inputs: list[FuzzInput], folder: Path, out: Path, run: dict, with_mask: bool) -> dict:
-    """The issue's counts for one folder run."""
-    rows = read_rows(out / "report.csv") or {}
-    screen = run["stdout"] + run["stderr"]
-    missing, wrong, outcome = [], [], {}
-    for i in inputs:
-        path = str(folder / i.name)
-        row = rows.get(path)
-        if row is None:
-            missing.append(f"{i.name}: no row")
-            continue
-        outcome[row["status"]] = outcome.get(row["status"], 0) + 1
-        if row["status"] != "ok":
-            continue
-        if i.expect == "refuse":
-            wrong.append(f"{i.name}: mapped, must be refused ({i.fragment})")
-        elif i.expect == "warn" and i.fragment not in screen and i.fragment not in json.dumps(row):
-            wrong.append(f"{i.name}: mapped without the warning '{i.fragment}'")
-    n_ok = sum(r["status"] == "ok" for r in rows.values())
-    files = outputs_of(out)
-    for kind in ("maps", "pngs") + (("masks",) if with_mask else ()):
-        if files[kind] < n_ok:
-            wrong.append(f"{n_ok - files[kind]} {kind} shared by two inputs ({files[kind]} {kind}, {n_ok} ok rows)")
-    return {"inputs": len(inputs), "rows": len(rows), "outcomes": outcome, "missing": missing,
-            "partial": partial_files(out), "silent_wrong": wrong, "exit": run["rc"], "seconds": run["seconds"],
-            "peak_mib": run["peak_mib"], "tracebacks": run["tracebacks"]}
-
-
 def tiny_export(work: Path) -> Path:
     """Random-weight tiny-preset models, lambda 0.3, a map threshold, exported for batches of 4 x R 2."""
     import torch
@@ -179,11 +120,10 @@ def valid_folder(folder: Path, base: nib.Nifti1Image, n: int) -> Path:
     return folder
 
 
-def kill_and_continue(infer: Infer, folder: Path, work: Path) -> dict:
-    """An uninterrupted run against one killed (-9) while it writes an output file (a temporary exists; polled
-    every 2 ms) and then --continue'd."""
-    ref, out = work / "kill_ref", work / "kill_out"
-    infer.run("kill: reference", folder, ref)
+def kill_and_continue(infer: Infer, folder: Path, ref: Path, work: Path) -> dict:
+    """An uninterrupted run (`ref`) against one killed (-9) while it writes an output file (a temporary exists;
+    polled every 2 ms) and then --continue'd: the outputs byte for byte, and no temporary left."""
+    out = work / "kill_out"
 
     def writing() -> bool:
         try:
@@ -194,12 +134,18 @@ def kill_and_continue(infer: Infer, folder: Path, work: Path) -> dict:
     first = infer.run("kill: killed run", folder, out, kill_when=writing, kill_after=600)
     left = [p.name for p in out.iterdir() if p.name.startswith(".") and ".tmp" in p.name] if out.is_dir() else []
     second = infer.run("kill: --continue", folder, out, "--continue")
-    names = sorted(p.name for p in ref.iterdir() if p.suffix in (".gz", ".nii", ".png"))
-    same = [n for n in names if (out / n).is_file() and (out / n).read_bytes() == (ref / n).read_bytes()]
+    same, names = identical(ref, out)
     stale = [p.name for p in out.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
+    swept = [ln for ln in screen_lines(second["stdout"] + second["stderr"]) if ln.startswith("removed ")]
     return {"killed": first["killed"], "temporaries_after_kill": left, "continue_exit": second["rc"],
-            "outputs": len(names),
-            "byte_identical": len(same), "stale_temporaries": stale, "partial": partial_files(out)}
+            "swept_note": swept[0] if swept else "", "outputs": len(names), "byte_identical": len(same),
+            "stale_temporaries": stale, "partial": partial_files(out)}
+
+
+def identical(ref: Path, out: Path) -> tuple[list[str], list[str]]:
+    """(outputs of `ref` that `out` holds byte for byte, all outputs of `ref`): maps, masks, PNGs."""
+    names = sorted(p.name for p in ref.iterdir() if p.suffix in (".gz", ".nii", ".png"))
+    return [n for n in names if (out / n).is_file() and (out / n).read_bytes() == (ref / n).read_bytes()], names
 
 
 def bomb_runs(infer: Infer, inputs: list[FuzzInput], folder: Path, work: Path) -> list[dict]:
@@ -230,28 +176,46 @@ def unmount(path: Path) -> None:
     subprocess.run(["umount", str(path)], capture_output=True)
 
 
-def disk_runs(infer: Infer, folder: Path, work: Path) -> list[dict]:
-    """--out at a file, on a read-only file system, on a disk that fills mid-run."""
+def disk_runs(infer: Infer, folder: Path, ref: Path, work: Path) -> list[dict]:
+    """--out at a file, on a read-only file system, on a disk that fills mid-run (then grown and --continue'd:
+    the outputs of the uninterrupted run `ref`, byte for byte). Each must exit 3 in one line."""
     out = []
     (work / "a_file").write_text("x")
-    r = infer.run("out is a file", folder, work / "a_file")
-    out.append(_screen_case("--out is a file", r))
+    out.append(_screen_case("--out is a file", infer.run("out is a file", folder, work / "a_file"), EXIT_OUTPUT))
     ro, full = work / "ro", work / "full"
     if tmpfs(ro, "1m", readonly=True):
         try:
-            out.append(_screen_case("read-only output file system", infer.run("read-only out", folder, ro / "o")))
+            out.append(_screen_case("read-only output file system", infer.run("read-only out", folder, ro / "o"),
+                                    EXIT_OUTPUT))
         finally:
             unmount(ro)
     else:
         out.append({"case": "read-only output file system", "skipped": "cannot mount a tmpfs (needs root)"})
-    per_scan = sum(p.stat().st_size for p in folder.iterdir()) // max(1, len(list(folder.iterdir())))
-    if tmpfs(full, str(max(64 << 10, int(per_scan * 2.5)))):        # room for about two scans' outputs
+    outputs = [p for p in ref.iterdir() if p.suffix in (".gz", ".nii", ".png")]
+    per_scan = sum(p.stat().st_size for p in outputs) // max(1, len(list(folder.iterdir())))
+    size = max(64 << 10, int(per_scan * 2.5))                       # room for about two scans' outputs
+    if tmpfs(full, str(size)):
         try:
-            r = infer.run("disk full", folder, full / "o")
-            case = _screen_case("disk fills mid-run", r)
-            rows = read_rows(full / "o" / "report.csv")
-            case.update({"report_readable": rows is not None, "rows": len(rows or {}),
-                         "partial": partial_files(full / "o")})
+            o = full / "o"
+            r = infer.run("disk full", folder, o)
+            case = _screen_case("disk fills mid-run", r, EXIT_OUTPUT)
+            rows = read_rows(o / "report.csv")
+            ok = [Path(f).name for f, row in (rows or {}).items() if row["status"] == "ok"]
+            untrue = [n for n in ok if not (o / n).is_file()]           # an ok row must have its map
+            case.update({"disk_bytes": size, "report_readable": rows is not None, "rows": len(rows or {}),
+                         "ok_rows": len(ok), "ok_rows_without_map": untrue, "partial": partial_files(o)})
+            grown = subprocess.run(["mount", "-o", "remount,size=64m", str(full)], capture_output=True).returncode == 0
+            if grown:
+                again = infer.run("disk full: grown, --continue", folder, o, "--continue")
+                same, names = identical(ref, o)
+                case.update({"continue_exit": again["rc"], "continue_rows": len(read_rows(o / "report.csv") or {}),
+                             "continue_byte_identical": f"{len(same)}/{len(names)}",
+                             "continue_partial": partial_files(o)})
+                if again["rc"] != EXIT_OK or len(same) != len(names):
+                    case["problem"] = f"after growing the disk, --continue: exit {again['rc']}, " \
+                                      f"{len(same)}/{len(names)} outputs byte-identical"
+            if untrue and "problem" not in case:
+                case["problem"] = f"ok rows without their map: {untrue}"
             out.append(case)
         finally:
             unmount(full)
@@ -260,15 +224,22 @@ def disk_runs(infer: Infer, folder: Path, work: Path) -> list[dict]:
     return out
 
 
-def _screen_case(name: str, r: dict) -> dict:
-    return {"case": name, "exit": r["rc"], "tracebacks": r["tracebacks"], "last_line": last_line(r)}
+def _screen_case(name: str, r: dict, expect: int) -> dict:
+    """A run that must exit `expect`, with an `error:` line (exit 2 or 3) that is one line."""
+    lines = screen_lines(r["stdout"] + r["stderr"])
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    case = {"case": name, "exit": r["rc"], "expect_exit": expect, "tracebacks": r["tracebacks"],
+            "last_line": last_line(r), "error_lines": len(errors)}
+    if r["rc"] != expect:
+        case["problem"] = f"exit {r['rc']}, expected {expect}"
+    elif expect in (EXIT_USAGE, EXIT_OUTPUT) and (len(errors) != 1 or lines[-1] != errors[0]):
+        case["problem"] = f"{len(errors)} error lines (expected one, last)"
+    return case
 
 
 def last_line(r: dict) -> str:
     """The last line on screen that is not a progress bar."""
-    text = (r["stdout"] + r["stderr"]).replace("\r", "\n")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "\x1b" not in ln and "%|" not in ln]
-    return (lines or [""])[-1][:200]
+    return (screen_lines(r["stdout"] + r["stderr"]) or [""])[-1][:300]
 
 
 LOAD = ("import sys, time\n"
@@ -292,17 +263,19 @@ def load_alone(path: Path) -> dict:
 
 
 def export_runs(infer: Infer, export: Path, folder: Path, work: Path) -> list[dict]:
-    """Manifests with a NaN or non-numeric threshold or lambda, and a graph path leaving the export folder."""
+    """Manifests with a NaN or non-numeric threshold or lambda, and graph paths leaving the export folder: each
+    refused in one line, exit 2."""
+    outside = work / "outside"
     cases = [("threshold NaN", {"threshold": float("nan")}), ("threshold 'high'", {"threshold": "high"}),
              ("lam NaN", {"lam": float("nan")}), ("lam 'x'", {"lam": "x"}),
-             ("graph file ../", {"graph_file": "../outside/encode.onnx"})]
+             ("graph file ../", {"graph_file": "../outside/encode.onnx"}),
+             ("graph file absolute", {"graph_file": str(outside / "encode.onnx")})]
     out = []
     for name, change in cases:
         bad = work / f"export_{len(out)}"
         shutil.copytree(export, bad)
         m = json.loads((bad / "manifest.json").read_text())
         if "graph_file" in change:
-            outside = bad.parent / "outside"
             outside.mkdir(exist_ok=True)
             shutil.copyfile(bad / m["graphs"]["encode"]["file"], outside / "encode.onnx")
             m["graphs"]["encode"]["file"] = change["graph_file"]
@@ -311,17 +284,19 @@ def export_runs(infer: Infer, export: Path, folder: Path, work: Path) -> list[di
         (bad / "manifest.json").write_text(json.dumps(m))
         o = work / f"out_export_{len(out)}"
         r = infer.run(f"export: {name}", folder, o, export=bad)
-        case = _screen_case(f"manifest {name}", r)
+        case = _screen_case(f"manifest {name}", r, EXIT_USAGE)
         case["silent_wrong"] = r["rc"] == 0            # a run that succeeds with such a manifest is wrong
         out.append(case)
     return out
 
 
 def quiet_run(infer: Infer, folder: Path, work: Path) -> dict:
+    """--quiet on a folder with one broken scan: exit 1, the failure and a summary still printed."""
     r = infer.run("--quiet with failures", folder, work / "out_quiet", "--quiet")
-    screen = (r["stdout"] + r["stderr"]).strip()
-    return {"case": "--quiet with failures", "exit": r["rc"], "printed_lines": len(screen.splitlines()),
-            "hides_failures": r["rc"] != 0 and not screen, "tracebacks": r["tracebacks"]}
+    lines = screen_lines(r["stdout"] + r["stderr"])
+    case = _screen_case("--quiet with a failure", r, EXIT_FAILED)
+    case.update({"printed": lines, "hides_failures": not any(ln.startswith("failed: ") for ln in lines)})
+    return case
 
 
 def main() -> None:
@@ -373,34 +348,54 @@ def run_all(args, work: Path) -> dict:
         (folder / i.name).unlink()
     infer = Infer(export, work, args.backend)
     folder_run = infer.run("fuzz folder", folder, work / "out")
-    main_result = judge_folder(inputs, folder, work / "out", folder_run, with_mask)
+    screen = folder_run["stdout"] + folder_run["stderr"]
+    main_result = judge_folder(inputs, folder, work / "out", screen, with_mask)
+    main_result.update({"exit": folder_run["rc"], "seconds": folder_run["seconds"], "peak_mib": folder_run["peak_mib"],
+                        "errors_log_entries": _log_entries(work / "out" / "errors.log")})
     bombs = bomb_runs(infer, inputs, folder, work)
     valid = valid_folder(work / "valid", base, 4)
-    kill = kill_and_continue(infer, valid, work)
+    ref = work / "ref"
+    reference = infer.run("reference: the valid folder", valid, ref)
+    kill = kill_and_continue(infer, valid, ref, work)
     mixed = work / "mixed"
     shutil.copytree(valid, mixed)
     (mixed / "broken.nii.gz").write_bytes(b"\x1f\x8b" + b"junk" * 10)
     quiet = quiet_run(infer, mixed, work)
-    disks = disk_runs(infer, valid, work)
+    disks = disk_runs(infer, valid, ref, work)
     exports = export_runs(infer, export, valid, work)
 
     tracebacks = sum(r["tracebacks"] for r in infer.runs)
+    stray = main_result["stray"] + [f"{r['label']}: {ln}" for r in infer.runs[1:]
+                                    for ln in stray_lines(r["stdout"] + r["stderr"])]
     partial = main_result["partial"] + [f"after kill -9 + --continue: {p}" for p in kill["partial"]] + \
-        [f"disk full: {p}" for d in disks for p in d.get("partial", [])]
+        [f"disk full: {p}" for d in disks for p in d.get("partial", []) + d.get("continue_partial", [])]
     wrong = main_result["silent_wrong"] + [f"manifest {e['case']}: exit 0" for e in exports if e["silent_wrong"]]
     if kill["byte_identical"] != kill["outputs"]:
         wrong.append(f"kill -9 + --continue: {kill['outputs'] - kill['byte_identical']} outputs differ")
     if quiet["hides_failures"]:
-        wrong.append("--quiet: exit 1 with nothing printed")
+        wrong.append("--quiet: a failure not printed")
+    exits = [f"{c['case']}: {c['problem']}" for c in disks + exports + [quiet] if c.get("problem")]
+    if folder_run["rc"] != EXIT_FAILED:
+        exits.append(f"fuzz folder: exit {folder_run['rc']}, expected {EXIT_FAILED} (some scans failed)")
+    if reference["rc"] != EXIT_OK or kill["continue_exit"] != EXIT_OK:
+        exits.append(f"valid folder: exit {reference['rc']}, after kill -9 + --continue {kill['continue_exit']}")
+    if kill["stale_temporaries"]:
+        partial.append(f"after kill -9 + --continue: {kill['stale_temporaries']}")
     return {"inputs": main_result["inputs"], "made_seconds": round(made, 1), "base": str(args.base or "synthetic"),
             "without": args.without,
             "seed": args.seed, "export": str(args.export or "tiny random-weight export"),
             "tracebacks": tracebacks, "missing_rows": main_result["missing"], "partial_files": partial,
-            "silent_wrong": wrong, "folder": main_result, "bombs": bombs, "kill_continue": kill, "quiet": quiet,
+            "silent_wrong": wrong, "unexpected": main_result["unexpected"], "stray_lines": stray,
+            "exit_problems": exits, "folder": main_result, "bombs": bombs, "kill_continue": kill, "quiet": quiet,
             "disk": disks, "manifests": exports,
             "runs": [{k: v for k, v in r.items() if k not in ("stdout", "stderr")} for r in infer.runs],
             "traceback_runs": [r["label"] for r in infer.runs if r["tracebacks"]],
-            "clean": not (tracebacks or main_result["missing"] or partial or wrong)}
+            "clean": not (tracebacks or main_result["missing"] or partial or wrong or main_result["unexpected"]
+                          or stray or exits)}
+
+
+def _log_entries(path: Path) -> int:
+    return path.read_text().count(TRACEBACK) if path.is_file() else 0
 
 
 def summary(r: dict) -> str:
@@ -408,13 +403,16 @@ def summary(r: dict) -> str:
     lines = [f"fuzz set: {r['inputs']} inputs (base {r['base']}, seed {r['seed']}, made in {r['made_seconds']} s), "
              f"export: {r['export']}" + (f", without {', '.join(r['without'])}" if r["without"] else ""),
              f"folder run: exit {f['exit']}, {f['seconds']} s, peak {f['peak_mib']} MiB, rows {f['rows']} "
-             f"{f['outcomes']}",
+             f"{f['outcomes']}, errors.log tracebacks {f['errors_log_entries']}",
              f"tracebacks on screen:  {r['tracebacks']}" + (f"  (runs: {', '.join(r['traceback_runs'])})"
                                                            if r["traceback_runs"] else ""),
              f"missing rows:          {len(r['missing_rows'])}",
              f"partial files:         {len(r['partial_files'])}",
-             f"silent wrong outputs:  {len(r['silent_wrong'])}"]
-    for what in ("missing_rows", "partial_files", "silent_wrong"):
+             f"silent wrong outputs:  {len(r['silent_wrong'])}",
+             f"unexpected errors:     {len(r['unexpected'])}  (caught per scan, tracebacks in errors.log)",
+             f"stray screen lines:    {len(r['stray_lines'])}  (Python warnings, nibabel's log)",
+             f"wrong exit codes:      {len(r['exit_problems'])}"]
+    for what in ("missing_rows", "partial_files", "silent_wrong", "unexpected", "stray_lines", "exit_problems"):
         lines += [f"    {what}: {x}" for x in r[what][:20]]
     for b in r["bombs"]:
         lines.append(f"bomb {b['input']} ({b['compressed_bytes']} bytes, {b['note']}): mimood-infer {b['seconds']} s, "
@@ -424,13 +422,23 @@ def summary(r: dict) -> str:
     k = r["kill_continue"]
     lines.append(f"kill -9 while writing + --continue: killed {k['killed']} (temporaries then: "
                  f"{len(k['temporaries_after_kill'])}), {k['byte_identical']}/{k['outputs']} outputs "
-                 f"byte-identical, stale temporaries {len(k['stale_temporaries'])}, exit {k['continue_exit']}")
+                 f"byte-identical, stale temporaries {len(k['stale_temporaries'])}, exit {k['continue_exit']}"
+                 + (f" ({k['swept_note']})" if k["swept_note"] else ""))
     q = r["quiet"]
-    lines.append(f"--quiet with a failure: exit {q['exit']}, {q['printed_lines']} lines printed")
+    lines.append(f"--quiet with a failure: exit {q['exit']}, printed: {' | '.join(q['printed'])}"[:400])
     for d in r["disk"] + r["manifests"]:
-        lines.append(f"{d['case']}: " + (f"skipped ({d['skipped']})" if "skipped" in d else
-                                         f"exit {d['exit']}, tracebacks {d['tracebacks']}, last line: "
-                                         f"{d['last_line']}"))
+        if "skipped" in d:
+            lines.append(f"{d['case']}: skipped ({d['skipped']})")
+            continue
+        more = ""
+        if "report_readable" in d:
+            more = (f"; report readable {d['report_readable']}, {d['rows']} rows ({d['ok_rows']} ok, each with its "
+                    f"map: {not d['ok_rows_without_map']}), partial files {len(d['partial'])}")
+            if "continue_exit" in d:
+                more += (f"; disk grown, --continue: exit {d['continue_exit']}, {d['continue_rows']} rows, "
+                         f"{d['continue_byte_identical']} outputs byte-identical to an uninterrupted run")
+        lines.append(f"{d['case']}: exit {d['exit']} (expected {d['expect_exit']}), tracebacks {d['tracebacks']}, "
+                     f"last line: {d['last_line']}{more}")
     return "\n".join(lines)
 
 

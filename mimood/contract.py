@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import secrets
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -30,6 +31,7 @@ from typing import Any, Iterator
 
 from mimood.config import GRID, IMAGE_SIZE, NUM_TOKENS, RunConfig
 from mimood.errors import InputError
+from mimood.thresholds import check_manifest_values
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -51,21 +53,96 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     numpy and safetensors writers all write to the yielded path).
 
     The temporary name keeps the full suffix (`.nii.gz`, `.npz`, `.png`) so that writers which pick the format
-    from the name do the right thing, and is unique per call (process id and a random part), so two writers of
-    the same file, in two processes or two threads, never share a temporary. The file itself is created by the
-    caller's writer, with the usual permissions. The parent folder is created if needed.
+    from the name do the right thing, and is unique per call: `.<stem>.tmp-<host>-<pid>-<random><suffix>`
+    (`temporary_name`), so two writers of the same file, in two processes, threads or machines sharing a
+    folder, never share a temporary, and one left by a killed process is recognised (`sweep_temporaries`).
+    Before the rename the file gets the mode the umask gives new files (0o666 & ~umask): some writers create
+    theirs private (0600). The parent folder is created if needed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         yield tmp
+        _umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def temporary_name(name: str, pid: int | None = None) -> str:
+    """The name `atomic_write` gives the temporary of file `name` (a `TEMPORARY` match)."""
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    return f".{stem}.tmp-{_HOST}-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}{suffix}"
+
+
+# host tag: the first 8 hex digits of the host name's SHA-256 (short, and safe in a file name)
+_HOST = hashlib.sha256(platform.node().encode()).hexdigest()[:8]
+TEMPORARY = re.compile(r"^\.(?P<stem>.*)\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}(?P<suffix>[^/]*)$")
+
+
+def sweep_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporaries `atomic_write` left in `folder` (not its sub folders) when its process was killed
+    (kill -9 skips the clean-up): names matching `TEMPORARY` written on this machine by a process that no longer
+    exists. Nothing else is touched: other files, temporaries of live processes, of other machines sharing the
+    folder (their processes cannot be asked) and of an older naming scheme. A reused process id only delays the
+    sweep to a later start. Returns the removed paths."""
+    folder = Path(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for e in entries:
+        m = TEMPORARY.match(e.name)
+        if m is None or m["host"] != _HOST or _alive(int(m["pid"])) or not e.is_file(follow_symlinks=False):
+            continue
+        try:
+            os.unlink(e.path)
+        except FileNotFoundError:       # another process swept it first
+            continue
+        removed.append(Path(e.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)                 # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):   # another user's process; an absurd number
+        return pid < 1 << 22            # Linux pids stay below 2^22: above, nothing can be alive
+    return True
+
+
+def _umask_mode(path: Path) -> None:
+    """Give a new file the mode the umask gives (0o666 & ~umask): onnx, safetensors and tempfile-based writers
+    may create files 0600, and an export or a map must be readable by whoever reads the folder."""
+    mode = 0o666 & ~_umask()
+    try:
+        if path.is_file() and (os.stat(path).st_mode & 0o777) != mode:
+            os.chmod(path, mode)
+    except OSError:                     # a file system without modes (some network shares): keep the file's
+        pass
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status), else set and
+    restored at once (os.umask has no read-only form)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 # -- graphs ----------------------------------------------------------------------------------------------------
@@ -216,6 +293,22 @@ class Extra:
         return x
 
 
+def check_file_entry(file: Any, path: str | Path, where: str) -> str:
+    """A manifest's file entry must name a file inside the export folder: a relative path without `..`, so a
+    manifest cannot make the runtime load (or hash) a file from elsewhere. `InputError(path, ...)` otherwise."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    ok = isinstance(file, str) and file not in ("", ".") and "\0" not in file
+    if ok:
+        parts = PurePosixPath(file.replace("\\", "/")).parts
+        ok = (not PurePosixPath(file).is_absolute() and not PureWindowsPath(file).drive and ".." not in parts
+              and bool(parts))
+    if not ok:
+        raise InputError(path, f"'{where}' must be a file inside the export folder (a relative path without "
+                               f"'..'), got {json.dumps(file)[:80]}")
+    return file
+
+
 def _record(cls, d: Any, where: str):
     """cls(**d) for a JSON object d whose keys are cls's fields (those with defaults may be left out)."""
     if not isinstance(d, dict):
@@ -271,7 +364,13 @@ class Manifest:
                              "precision": precision, **graph_io(path)}
 
     def save(self, path: str | Path) -> None:
-        text = json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        """Write the manifest atomically, after the checks `load` makes (restoration numbers, file entries), so
+        no export holds a manifest that inference would refuse."""
+        d = asdict(self)
+        check_manifest_values(d, path)
+        for where, file in self.files():
+            check_file_entry(file, path, where)
+        text = json.dumps(d, indent=2, sort_keys=True, allow_nan=False) + "\n"
         with atomic_write(path) as tmp:
             tmp.write_text(text)
 
@@ -297,11 +396,28 @@ class Manifest:
         if unknown or missing:
             raise InputError(path, f"manifest keys do not match: unknown {sorted(unknown)}, "
                                    f"missing {sorted(missing)}")
+        check_manifest_values(d, path)
         try:
             d["extra"] = Extra.from_json(d["extra"])
         except ValueError as e:
             raise InputError(path, f"manifest {e}") from None
-        return cls(**d)
+        if not isinstance(d["graphs"], dict) or not all(isinstance(g, dict) and "file" in g
+                                                        for g in d["graphs"].values()):
+            raise InputError(path, "manifest 'graphs' must map each graph to an object with a 'file'")
+        manifest = cls(**d)
+        for where, file in manifest.files():
+            check_file_entry(file, path, where)
+        return manifest
+
+    def files(self) -> list[tuple[str, Any]]:
+        """(where in the manifest, file entry) of every file the manifest names."""
+        out = [(f"graphs.{k}.file", g.get("file")) for k, g in sorted(self.graphs.items())]
+        out += [(f"extra.weights.{k}.file", r.file) for k, r in sorted(self.extra.weights.items())]
+        out += [(f"extra.ort_graphs.{k}.file", r.file) for k, r in sorted(self.extra.ort_graphs.items())]
+        if self.extra.ood is not None:
+            out += [("extra.ood.graph.file", self.extra.ood.graph.file),
+                    ("extra.ood.stats.file", self.extra.ood.stats.file)]
+        return out
 
     def verify(self, folder: str | Path) -> list[str]:
         """Problems with the graph files in `folder`, and with the OOD scan score's graph and statistics when

@@ -2,9 +2,10 @@
 
 A NaN threshold writes empty masks, a NaN lambda changes every map, and a string crashes deep in numpy: all
 silently or far from the file that holds them. These checks run when `calibration.json` is written
-(`mimood.eval.calibrate.calibrate`) and read (`read_calibration`: `load_calibration`, the exporter), and are
-written to be called on `manifest.json` too (`check_manifest_values`). Each problem is an `InputError` naming the
-file and the key, e.g. `run/calibration.json: 'threshold' must be a number in [0, 1], got NaN`.
+(`mimood.eval.calibrate.calibrate`) and read (`read_calibration`: `load_calibration`, the exporter), and when
+`manifest.json` is written and read (`check_manifest_values`: `mimood.contract.Manifest.save` and `.load`). Each
+problem is an `InputError` naming the file and the key, e.g.
+`run/calibration.json: 'threshold' must be a number in [0, 1], got NaN`.
 
 Ranges: MIM-OOD's lambda and the token critic's are probabilities, [0, 1]; the MVTM-likelihood and AR lambdas
 are NLLs, >= 0; every voxel threshold is an anomaly-map level, and maps lie in [0, 1]. No torch, numpy only for
@@ -96,8 +97,7 @@ def read_calibration(path: str | Path) -> dict | None:
 
 def check_manifest_values(d: dict, path: str | Path) -> dict:
     """Check the restoration numbers of a manifest dict (asdict(Manifest)): lam, threshold (or null), T, R,
-    batch, temperature, min_pool, avg_pool, vocab_size, mask_id. Returns `d`. (For the manifest reader; phase 2
-    of issue 15 wires it into `Manifest.load` and `Manifest.save`.)"""
+    batch, temperature, min_pool, avg_pool, vocab_size, mask_id. Returns `d`. (`Manifest.load` and `.save`.)"""
     check_number(d.get("lam"), path, "lam", *LAM_RANGE["mimood"])
     check_number(d.get("threshold"), path, "threshold", *THRESHOLD_RANGE, allow_none=True)
     check_number(d.get("T"), path, "T", 0, integer=True)

@@ -169,7 +169,9 @@ def test_run_option_uses_the_runs_export_folder(export, tmp_path):
     inp.mkdir()
     (inp / "bad.nii.gz").write_bytes(gzip.compress(b"not a nifti"))
     res = CliRunner().invoke(main, [str(inp), "-o", str(out), "--run", str(run), "--backend", "ort", "--quiet"])
-    assert res.exit_code == 1 and res.output == ""                          # one failed scan, quietly
+    lines = res.output.splitlines()                                           # quiet: the failure, one summary
+    assert res.exit_code == 1 and len(lines) == 2 and lines[0].startswith(f"failed: {inp / 'bad.nii.gz'}: not a NIfTI")
+    assert lines[1].startswith("1 scans: 0 ok, 1 failed")
     assert json.loads((out / "provenance.json").read_text())["export"] == str(run / "export")
     assert read_report(out / "report.csv")["bad.nii.gz"]["status"] == "failed"
 

@@ -1,8 +1,9 @@
 """`mimood-infer INPUT_DIR -o OUT_DIR --export DIR`: anomaly maps for a folder of scans (thin over
 `mimood.runtime.infer_folder`, whose docstring describes the outputs, `--continue` and `--part`).
 
-Exit status: 0 when every scan is done, 1 when some failed (each is a row of the report), 2 for bad arguments
-or an unusable export folder."""
+Exit status (mimood.errors): 0 when every scan is done, 1 when some failed (each is a row of the report), 2 for
+bad arguments or an unusable input or export folder (nothing done), 3 when the output folder or its disk cannot
+take the outputs (a file, read-only, full: nothing done, or the run stopped with its last complete report)."""
 from __future__ import annotations
 
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 import click
 
 from mimood.cli._common import friendly_errors
+from mimood.errors import EXIT_FAILED, EXIT_OK
 from mimood.runtime.bundle import BACKENDS, PRECISIONS
 
 
@@ -57,21 +59,30 @@ def _export_folder(run: Path | None, export: Path | None, quiet: bool) -> Path:
               help="Process shard I of N (cases i with i %% N == I-1, sorted by path).")
 @click.option("--modality", default=None, help="File suffix of BraTS-style folders (default: the export's).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
-@click.option("--quiet", is_flag=True, help="No progress bars or messages.")
+@click.option("--skull", type=click.Choice(("warn", "refuse", "ignore")), default="warn", show_default=True,
+              help="A scan that does not look skull-stripped: map it with a warning, refuse it (a failed row), or "
+                   "map it without a word.")
+@click.option("--quiet", is_flag=True, help="No progress bars or messages; failures and warnings still print.")
 @friendly_errors
-def main(input_dir, input_opt, out, export, run, backend, precision, resume, part, modality, seed, quiet):
+def main(input_dir, input_opt, out, export, run, backend, precision, resume, part, modality, seed, skull, quiet):
     from mimood.runtime.infer import infer_folder
 
     if (input_dir is None) == (input_opt is None):
         raise ValueError("give the input folder once: INPUT_DIR or -i/--input")
     report = infer_folder(input_dir or input_opt, out, _export_folder(run, export, quiet), backend=backend,
                           precision=precision, resume=resume, part=_part(part), progress=not quiet,
-                          modality=modality, seed=seed)
+                          modality=modality, seed=seed, skull=skull)
     failed = report.failures
-    if not quiet:
+    if quiet:                        # the problems only, as a cron job's mail wants them (shown as they came else)
+        for r in report.rows:
+            if r.status != "ok":
+                click.echo(f"failed: {r.error}", err=True)
+            elif r.warnings:
+                click.echo(f"warning: {r.warnings}", err=True)
+    if not quiet or failed:
         click.echo(f"{len(report.rows)} scans: {len(report.rows) - len(failed)} ok, {len(failed)} failed "
-                   f"({report.backend}); report {report.path}")
-    sys.exit(1 if failed else 0)
+                   f"({report.backend}); report {report.path}", err=quiet)
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from mimood.export.graphs import (GRAPHS, IO_NAMES, OPSET, ORT_GRAPHS, build_mod
 from mimood.export.validate import Check, compare, run_onnx
 from mimood.models.checkpoint import load_model
 from mimood.ood.scan import OOD_FILE
-from mimood.thresholds import read_calibration
+from mimood.thresholds import LAM_RANGE, check_number, read_calibration
 
 MODELS = ("vqvae", "atd", "mvtm")
 OOD_GRAPH = "ood_features.onnx"
@@ -125,7 +125,9 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
     r = cfg.restore
     R, T = r.R if R is None else R, r.T if T is None else T
     calibration = _load_calibration(run)
-    lam = lam if lam is not None else calibration.get("lam", r.lam)
+    where = "--lam" if lam is not None else run / ("calibration.json" if "lam" in calibration else "config.json")
+    lam = check_number(lam if lam is not None else calibration.get("lam", r.lam), where, "lam",
+                       *LAM_RANGE["mimood"])                 # NaN or a string: refused before any graph is made
     threshold = calibration.get("threshold", r.threshold)
     if batch < 1 or R < 1 or T < 0:
         raise ValueError(f"need batch >= 1, R >= 1 and T >= 0 (got batch {batch}, R {R}, T {T})")

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from mimood.contract import current_versions
 from mimood.data.discover import Case, discover
-from mimood.data.preprocess import Slices, preprocess
-from mimood.errors import InputError
+from mimood.data.preprocess import Slices
+from mimood.errors import InputError, OutputError
 from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import SliceParts
 from mimood.runtime.batching import Batch, Packer, infer_slices, restore_batch
@@ -50,6 +50,8 @@ from mimood.runtime.ood import OODRuntime
 from mimood.runtime.outputs import (Row, geometry_summary, output_paths, read_report, write_json, write_report,
                                     write_scan)
 from mimood.runtime.overlay import NO_MATPLOTLIB, overlay_available
+from mimood.runtime.safety import (ErrorLog, check_out, check_unique_outputs, is_disk_error, prepare_out, read_scan,
+                                   stop_for_disk, writing)
 
 __all__ = ["BACKENDS", "InferJob", "Report", "ScanState", "infer_folder", "infer_slices", "load_engine",
            "pick_backend"]
@@ -131,13 +133,15 @@ class ScanState:
     seconds: float                   # time spent on this scan so far
     ood: list[tuple[np.ndarray, SliceParts]] = field(default_factory=list)   # per batch: (slice indices [n],
                                                                              # their OOD parts), with OOD stats
+    warnings: list[str] = field(default_factory=list)                        # the reader's, one line each
 
 
 def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, backend: str = "auto",
                  precision: str = "fp32", resume: bool = False, part: tuple[int, int] = (1, 1),
-                 progress: bool = True, modality: str | None = None, seed: int = 0) -> Report:
+                 progress: bool = True, modality: str | None = None, seed: int = 0, skull: str = "warn") -> Report:
     """Anomaly maps, masks and overlays for every volume under `input` (see the module docstring)."""
-    return InferJob(input, out, export_dir, backend, precision, resume, part, progress, modality, seed).run()
+    return InferJob(input, out, export_dir, backend, precision, resume, part, progress, modality, seed,
+                    skull).run()
 
 
 class InferJob:
@@ -149,19 +153,23 @@ class InferJob:
     Scans are read one at a time (`_read`) and their slices packed into the engine's fixed batches; each batch
     is restored (`_restore`), its maps (and OOD parts) scattered back to the `ScanState`s in flight, and a scan
     whose last slice came back is written (`_finish`) and leaves memory. A scan that cannot be read or written
-    becomes a failed row (`_fail`); the others go on.
+    becomes a failed row (`_fail`; `mimood.runtime.safety`: unexpected errors too, their tracebacks in
+    errors.log); the others go on. An output disk that fails (full, read-only) stops the run with an
+    `OutputError`, the last complete report kept. `skull`: what a scan that does not look skull-stripped gets
+    (`mimood.data.checks`): "warn" (mapped, a warning), "refuse" (a failed row) or "ignore".
     """
 
     def __init__(self, input: str | Path, out: str | Path, export_dir: str | Path, backend: str = "auto",
                  precision: str = "fp32", resume: bool = False, part: tuple[int, int] = (1, 1),
-                 progress: bool = True, modality: str | None = None, seed: int = 0):
+                 progress: bool = True, modality: str | None = None, seed: int = 0, skull: str = "warn"):
         self.started = _now()
         I, N = part
         if not (N >= 1 and 1 <= I <= N):
             raise ValueError(f"--part {I}/{N}: need 1 <= I <= N")
         self.input, self.out = Path(input), Path(out)
         self.backend, self.precision, self.resume, self.part = backend, precision, resume, (I, N)
-        self.progress, self.seed = progress, seed
+        self.progress, self.seed, self.skull = progress, seed, skull
+        check_out(self.out)
         self.bundle = Bundle.open(export_dir)
         self.data_cfg = self.bundle.data_config()
         if modality:
@@ -171,6 +179,9 @@ class InferJob:
         self.cases = [c for i, c in enumerate(cases) if i % N == I - 1]
         tag = "" if N == 1 else f".part{I}of{N}"
         self.report_path, self.prov_path = self.out / f"report{tag}.csv", self.out / f"provenance{tag}.json"
+        self.errors = ErrorLog(self.out / f"errors{tag}.log")
+        check_unique_outputs({str(c.image): output_paths(self.out, c.name, c.image).values() for c in cases},
+                             own=[self.report_path, self.prov_path, self.errors.path])
         self.threshold = self.bundle.manifest.threshold
         self.png = overlay_available()
         self.notes: list[str] = []
@@ -185,6 +196,10 @@ class InferJob:
             print(msg, file=sys.stderr, flush=True)
 
     def run(self) -> Report:
+        swept = prepare_out(self.out)
+        if swept:
+            self.say(f"removed {len(swept)} temporary files left by killed runs: "
+                     + ", ".join(p.name for p in swept[:3]) + (", ..." if len(swept) > 3 else ""))
         if self.threshold is None:
             self.say("the export has no calibrated threshold: no masks written, anomalous volume left empty")
         if not self.png:
@@ -211,30 +226,33 @@ class InferJob:
                                                              "scan_score", "created", "versions")},
                      "versions": current_versions(), "started": self.started, "finished": None,
                      "notes": self.notes, "scans": self.scans}
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.prov_path, self.prov)
+        with writing(self.prov_path, "write the provenance"):
+            write_json(self.prov_path, self.prov)
 
         todo = [(k, c) for k, c in enumerate(self.cases) if k not in self.rows]
         self.scan_bar = tqdm(total=len(todo), desc="scans", unit="scan", disable=not self.progress, position=0)
         self.slice_bar = tqdm(total=0, desc="slices", unit="slice", disable=not self.progress, position=1,
                               leave=False)
         packer = Packer(self.engine.batch)
-        for key, case in todo:
-            scan = self._read(key, case)
-            if scan is None:
-                continue
-            self.pending[key] = scan
-            packer.add(key, scan.slices.images)
-            for batch in packer.full():
-                self._restore(batch)
-        for batch in packer.flush():
-            self._restore(batch)
-        self.slice_bar.close()
-        self.scan_bar.close()
+        try:
+            for key, case in todo:
+                scan = self._read(key, case)
+                if scan is None:
+                    continue
+                self.pending[key] = scan
+                packer.add(key, scan.slices.images)
+                for batch in packer.full():
+                    self._restore_or_fail(batch)
+            for batch in packer.flush():
+                self._restore_or_fail(batch)
+        finally:                             # also when a failing disk stops the run: its message on a clean line
+            self.slice_bar.close()
+            self.scan_bar.close()
 
         self._save_report()
         self.prov["finished"] = _now()
-        write_json(self.prov_path, self.prov)
+        with writing(self.prov_path, "write the provenance"):
+            write_json(self.prov_path, self.prov)
         return Report([self.rows[k] for k in sorted(self.rows)], self.report_path, self.prov_path,
                       self.engine.detail, self.notes)
 
@@ -242,35 +260,53 @@ class InferJob:
         """Read and preprocess one case (None, and a failed row, when it cannot be read)."""
         t0 = time.perf_counter()
         try:
-            slices = preprocess(case.image, self.data_cfg)
-        except InputError as e:
+            slices, warned = read_scan(case.image, self.data_cfg, self.skull)
+        except Exception as e:               # any error is this scan's row (safety.ErrorLog), never the run's
             self._fail(key, case, e, time.perf_counter() - t0)
             return None
+        for w in warned if self.progress else ():
+            self.scan_bar.write(f"warning: {w}", file=sys.stderr)
         self.slice_bar.total += len(slices.index)
         self.slice_bar.refresh()
         return ScanState(key, case, slices, np.zeros_like(slices.images), len(slices.index),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, warnings=warned)
+
+    def _restore_or_fail(self, batch: Batch) -> None:
+        """`_restore`; an unexpected error fails the scans of this batch (not the run)."""
+        t0 = time.perf_counter()
+        try:
+            self._restore(batch)
+        except OutputError:
+            raise
+        except Exception as e:
+            for key in sorted({k for k, _ in batch.rows} & set(self.pending)):
+                scan = self.pending.pop(key)
+                self._fail(key, scan.case, e, scan.seconds + time.perf_counter() - t0)
 
     def _restore(self, batch: Batch) -> None:
         """Restore one batch, hand its maps (and OOD parts) to the scans they belong to, finish completed scans."""
         t0 = time.perf_counter()
+        if not any(k in self.pending for k, _ in batch.rows):           # its scans all failed already
+            return
         n = len(batch.rows)
         restored = restore_batch(self.engine, batch, self.cfg, self.seed)
         if self.ood is not None:                                              # OOD parts of the filled rows
             e = self.engine
             mirrored = e.get(e.encode(e.put(mirror_slices(batch.images)[:, None])))   # [B, N]
             parts = self.ood.parts(restored.input_tokens[:n], batch.images[:n], mirrored[:n])
-            for key in {k for k, _ in batch.rows}:
+            for key in {k for k, _ in batch.rows} & set(self.pending):
                 rows = np.array([j for j, (k, _) in enumerate(batch.rows) if k == key])
                 self.pending[key].ood.append((np.array([batch.rows[j][1] for j in rows]), parts.take(rows)))
         share = (time.perf_counter() - t0) / n
         for (key, i), m in zip(batch.rows, restored.maps[:n]):                # maps [n, H, W]
+            if key not in self.pending:                                       # a scan failed in a batch before
+                continue
             scan = self.pending[key]
             scan.maps[i] = m
             scan.left -= 1
             scan.seconds += share
         self.slice_bar.update(n)
-        for key in sorted({k for k, _ in batch.rows}):
+        for key in sorted({k for k, _ in batch.rows} & set(self.pending)):
             if self.pending[key].left == 0:
                 self._finish(self.pending.pop(key))
 
@@ -285,14 +321,14 @@ class InferJob:
             if self.ood is not None:
                 order = np.argsort(np.concatenate([i for i, _ in scan.ood]), kind="stable")
                 ood_report = self.ood.score(SliceParts.cat([p for _, p in scan.ood]).take(order))
-        except (InputError, OSError) as e:
+        except Exception as e:               # any error is this scan's row (safety.ErrorLog), never the run's
             return self._fail(scan.key, case, e, scan.seconds + time.perf_counter() - t0)
         seconds = scan.seconds + time.perf_counter() - t0
         score, name = ((map_score, "map") if ood_report is None
                        else (ood_report["value"], f"ood.{self.ood.score_name}"))
         self.rows[scan.key] = Row(str(case.image), "ok", "", round(score, 6), name, round(map_score, 6),
                                   None if ml is None else round(ml, 6), len(scan.slices.index), round(seconds, 3),
-                                  self.engine.detail)
+                                  self.engine.detail, "; ".join(scan.warnings))
         self.scans[str(case.image)] = geometry_summary(scan.slices)
         if ood_report is not None:
             self.scans[str(case.image)]["ood"] = ood_report
@@ -300,15 +336,21 @@ class InferJob:
         self.scan_bar.update()
 
     def _fail(self, key: int, case: Case, error: Exception, seconds: float) -> None:
-        self.rows[key] = Row(str(case.image), "failed", str(error), slices=0, seconds=round(seconds, 3),
+        """The scan's failed row (its one-line error: safety.ErrorLog); a failing output disk stops the run."""
+        message = self.errors.describe(error, case.image)
+        self.rows[key] = Row(str(case.image), "failed", message, slices=0, seconds=round(seconds, 3),
                              backend=self.engine.detail)
         if self.progress:
-            self.scan_bar.write(f"failed: {error}", file=sys.stderr)
+            self.scan_bar.write(f"failed: {message}", file=sys.stderr)
         self._save_report()
         self.scan_bar.update()
+        if is_disk_error(error):
+            raise stop_for_disk(error, case.image, self.out, self.report_path, len(self.rows))
 
     def _save_report(self) -> None:
-        write_report(self.report_path, [self.rows[k] for k in sorted(self.rows)])
+        """report.csv rewritten atomically: on a full disk the last complete one stays (an OutputError)."""
+        with writing(self.report_path, "write the report", "; the last complete report is kept"):
+            write_report(self.report_path, [self.rows[k] for k in sorted(self.rows)])
 
 
 def _check_out(input: Path, out: Path, cases: list[Case]) -> None:

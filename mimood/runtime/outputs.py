@@ -51,6 +51,7 @@ class Row:
     slices: int = 0                # slices restored
     seconds: float = 0.0           # preprocessing + this scan's share of the batches + writing
     backend: str = ""              # engine detail, e.g. "ort fp32 CPUExecutionProvider"
+    warnings: str = ""             # what the reader warned about ("; "-joined), e.g. not skull-stripped
 
 
 def scan_score(maps: np.ndarray, brain: np.ndarray) -> float:
@@ -124,6 +125,8 @@ def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, thres
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mimood.runtime.overlay import missing_glyphs_quiet
+
     pick = overlay_slices(slices.brain, maps, threshold)
     vmax = max(float(maps.max()), 1e-6)
     fig, axes = plt.subplots(1, len(pick), figsize=(2.8 * len(pick), 3.2), squeeze=False)
@@ -137,9 +140,10 @@ def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, thres
         ax.axis("off")
     mask_note = "" if threshold is not None else " (no calibrated threshold: no mask)"
     fig.suptitle(f"{name}: map score {score:.4f}{mask_note}", fontsize=10)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+    with missing_glyphs_quiet():                                              # the text is drawn here
+        fig.tight_layout()
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
 
 
@@ -156,6 +160,8 @@ ROW_COLUMNS: dict[str, tuple[str, str]] = {            # column -> (unit, descri
     "slices": ("count", "axial slices restored"),
     "seconds": ("s", "preprocessing + this scan's share of the batches + writing"),
     "backend": ("", "engine detail, e.g. ort fp32 CPUExecutionProvider"),
+    "warnings": ("", "what reading the scan warned about (trailing data, a repaired header, not skull-stripped), "
+                     "'; '-joined"),
 }
 
 
@@ -191,14 +197,15 @@ def read_report(path: Path) -> list[Row]:
             records = list(csv.DictReader(f))
     except OSError:
         return []
-    if not records or set(records[0]) != set(COLUMNS):
+    if not records or set(records[0]) not in (set(COLUMNS), set(COLUMNS) - {"warnings"}):   # (before warnings)
         return []
     def num(v: str) -> float | None:
         return float(v) if v else None
 
     try:
         return [Row(d["file"], d["status"], d["error"], num(d["scan_score"]), d["score_name"], num(d["map_score"]),
-                    num(d["anomalous_ml"]), int(d["slices"] or 0), float(d["seconds"] or 0), d["backend"])
+                    num(d["anomalous_ml"]), int(d["slices"] or 0), float(d["seconds"] or 0), d["backend"],
+                    d.get("warnings", ""))
                 for d in records]
     except (TypeError, ValueError):                 # a hand-edited or foreign file: start afresh
         return []

@@ -28,8 +28,11 @@ small component) show the slices with the most in-brain map mass, core slices fi
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -168,10 +171,20 @@ def write_overlay(path: str | Path, name: str, slices: Slices, maps: np.ndarray,
     (NO_MATPLOTLIB)."""
     if not overlay_available():
         return NO_MATPLOTLIB
-    fig = overlay_figure(name, slices, maps, threshold, score, score_name, radiological, n, min_ml)
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    with missing_glyphs_quiet():
+        fig = overlay_figure(name, slices, maps, threshold, score, score_name, radiological, n, min_ml)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     return ""
+
+
+@contextmanager
+def missing_glyphs_quiet() -> Iterator[None]:
+    """Inside, matplotlib draws characters its font lacks (a CJK scan name) as boxes without its warning per
+    glyph, which would be a stray line on the screen of a folder run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
+        yield
 
 
 def display_window(maps: np.ndarray, brain: np.ndarray, threshold: float | None) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mimood.errors import InputError, InputWarning
+from mimood.errors import InputError
 
 EXPECT = ("ok", "refuse", "warn", "any")
 # header fields a mutation may set, and the values it picks from (cast to the field's type)
@@ -365,25 +365,20 @@ class Outcome:
 
 
 def load_outcome(path: str | Path, cfg=None, skull: str = "warn") -> Outcome:
-    """Load, skull-check and preprocess `path` as inference does, and say what happened."""
+    """Load, skull-check and preprocess `path` as inference does (`mimood.runtime.safety.read_scan`), and say
+    what happened."""
     from mimood.config import DataConfig
-    from mimood.data.checks import check_skull_stripped
-    from mimood.data.io import load_volume
-    from mimood.data.preprocess import preprocess
+    from mimood.runtime.safety import read_scan
 
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            img = load_volume(path)
-            check_skull_stripped(img, path, skull)
-            preprocess(img, cfg or DataConfig())
-            status, message = "ok", ""
-        except InputError as e:
-            status, message = "refused", str(e)
-        except Exception as e:  # the point of fuzzing: anything else is a bug
-            status, message = "crash", f"{type(e).__name__}: {e}"
-    found = [str(c.message) for c in caught if issubclass(c.category, InputWarning)]
+    found: list[str] = []
+    try:
+        _, found = read_scan(Path(path), cfg or DataConfig(), skull)
+        status, message = "ok", ""
+    except InputError as e:
+        status, message = "refused", str(e)
+    except Exception as e:  # the point of fuzzing: anything else is a bug
+        status, message = "crash", f"{type(e).__name__}: {e}"
     return Outcome(status, message, found, time.perf_counter() - t0)
 
 
