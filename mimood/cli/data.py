@@ -132,3 +132,7 @@ def preview(file: Path, out: Path, label: Path | None):
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     click.echo(f"wrote {out} ({len(pick)} of {len(s.index)} slices)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The bundled model (mimood/assets/model/): `make bundle`, about 2 hours on 2 CPU cores, resumable (run it again).
+# Training data, all of it redistributable as a trained model (see mimood/assets/model/MODEL_CARD.md):
+#   - 54 synthetic healthy T2 volumes from SynthSeg label maps 1-18 (Apache-2.0), seed 0;
+#   - the tumour-free parts of the eight expert-labelled BraTS 2018 T2 cases in ../shared/data/real/lesion and
+#     lesion_more (slices >= 1 mm from the tumour, and mirrored tumour-free hemispheres; preset `real`);
+#   - 20 synthetic volumes from label maps 19-20 (seed 2) are the scan score's healthy reference only.
+# Usage: SHARED=../shared/data WORK=bundle_work scripts/bundle.sh [stage ...]
+#        stages: data train calibrate export (default: all four, in order)
+set -euo pipefail
+shared=${SHARED:-../shared/data}
+work=${WORK:-bundle_work}
+py=${PY:-.venv/bin/python}
+out=${OUT:-mimood/assets/model}
+run=$work/run
+stages=${*:-data train calibrate export}
+export PYTHONUNBUFFERED=1
+for stage in $stages; do
+  case $stage in
+  data)
+    mkdir -p "$work"
+    [ -f "$work/synth_train/synth.json" ] || $py -m mimood.cli.data synth --labelmaps "$shared/synth/labelmaps" \
+        --n 54 --select 0:18 --seed 0 --out "$work/synth_train"
+    [ -f "$work/synth_ref/synth.json" ] || $py -m mimood.cli.data synth --labelmaps "$shared/synth/labelmaps" \
+        --n 20 --select 18:20 --seed 2 --out "$work/synth_ref"
+    mkdir -p "$work/brats"
+    for f in "$shared"/real/lesion/brats*_t2.nii.gz "$shared"/real/lesion/brats*_seg.nii.gz \
+             "$shared"/real/lesion_more/brats*_t2.nii.gz "$shared"/real/lesion_more/brats*_seg.nii.gz; do
+      ln -sf "$(realpath "$f")" "$work/brats/$(basename "$f")"
+    done ;;
+  train)
+    for s in vqvae mvtm atd ood; do
+      $py -m mimood.cli.train $s --preset real --run "$run" --data "$work/synth_train" --data "$work/brats" \
+          --reference "$work/synth_ref" --bf16 --resume
+    done ;;
+  calibrate)
+    $py -c "import sys; from mimood.eval.calibrate import calibrate; calibrate(sys.argv[1], methods=("mimood",), slice_stride=4)" "$run" ;;
+  export)
+    $py -m mimood.cli.export --run "$run" --out "$out" ;;
+  *) echo "bundle.sh: unknown stage $stage (data, train, calibrate, export)" >&2; exit 2 ;;
+  esac
+done
