@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from mimood.config import RunConfig
+from mimood.data.discover import discover
 from mimood.eval.calibrate import calibrate, load_calibration
+from mimood.eval.crossfit import check_no_leak
 from mimood.eval.evaluate import evaluate
 from mimood.eval.metrics import dice, json_ready, pixel_metrics, token_metrics
 from mimood.eval.tables import PAPER_NAMES
@@ -67,6 +69,7 @@ def ensure_calibrated(run: Path, methods: list[str]) -> dict:
 def evaluate_fold(run: Path, data: Path, methods: list[str], work: Path, stride: int, tag: str,
                   cfg_overrides: dict, lam: float | None = None) -> None:
     """Evaluate the methods not cached yet; cache voxel scores/labels and token scores/labels per case."""
+    check_no_leak(run, [c.name for c in discover(data)])    # refuses a fold whose run saw one of its cases
     todo = [m for m in methods if not any((work / tag).glob(f"*/{m}.npz"))]
     if not todo:
         return

@@ -2,8 +2,11 @@
 # The bundled model (mimood/assets/model/): `make bundle`, about 2 hours on 2 CPU cores, resumable (run it again).
 # Training data, all of it redistributable as a trained model (see mimood/assets/model/MODEL_CARD.md):
 #   - 54 synthetic healthy T2 volumes from SynthSeg label maps 1-18 (Apache-2.0), seed 0;
-#   - the tumour-free parts of the eight expert-labelled BraTS 2018 T2 cases in ../shared/data/real/lesion and
-#     lesion_more (slices >= 1 mm from the tumour, and mirrored tumour-free hemispheres; preset `real`);
+#   - the tumour-free parts of four expert-labelled BraTS 2018 T2 cases (TCIA01_425_1, TCIA02_606_1, TCIA13_623_1
+#     from ../shared/data/real/lesion, 2013_2_1 from lesion_more): slices >= 1 mm from the tumour and mirrored
+#     tumour-free hemispheres (preset `real`). The other four expert-labelled cases (2013_20_1, CBICA_AME_1,
+#     TCIA10_628_1, 2013_27_1) are never seen: they measure the model (benchmarks/crossfit.py, this run is fold A);
+#   - batches drawn 0.2 synthetic : 0.8 BraTS (--source-weights 0.2,0.8);
 #   - 20 synthetic volumes from label maps 19-20 (seed 2) are the scan score's healthy reference only.
 # Usage: SHARED=../shared/data WORK=bundle_work scripts/bundle.sh [stage ...]
 #        stages: data train calibrate export (default: all four, in order)
@@ -24,14 +27,14 @@ for stage in $stages; do
     [ -f "$work/synth_ref/synth.json" ] || $py -m mimood.cli.data synth --labelmaps "$shared/synth/labelmaps" \
         --n 20 --select 18:20 --seed 2 --out "$work/synth_ref"
     mkdir -p "$work/brats"
-    for f in "$shared"/real/lesion/brats*_t2.nii.gz "$shared"/real/lesion/brats*_seg.nii.gz \
-             "$shared"/real/lesion_more/brats*_t2.nii.gz "$shared"/real/lesion_more/brats*_seg.nii.gz; do
-      ln -sf "$(realpath "$f")" "$work/brats/$(basename "$f")"
+    for c in lesion/brats18_tcia01_425_1 lesion/brats18_tcia02_606_1 lesion/brats18_tcia13_623_1 \
+             lesion_more/brats18_2013_2_1; do
+      for k in t2 seg; do ln -sf "$(realpath "$shared/real/${c}_$k.nii.gz")" "$work/brats/"; done
     done ;;
   train)
     for s in vqvae mvtm atd ood; do
       $py -m mimood.cli.train $s --preset real --run "$run" --data "$work/synth_train" --data "$work/brats" \
-          --reference "$work/synth_ref" --bf16 --resume
+          --source-weights 0.2,0.8 --reference "$work/synth_ref" --bf16 --resume
     done ;;
   calibrate)
     $py -c "import sys; from mimood.eval.calibrate import calibrate; calibrate(sys.argv[1], methods=("mimood",), slice_stride=4)" "$run" ;;
