@@ -7,13 +7,17 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mimood-installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install bundle clean-venv
 
 demo: $(STAMP)
 	$(BIN)/mimood-demo --out mimood_demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the bundled model (mimood/assets/model): about 1.5 h on 2 CPU cores, resumable; needs ../shared/data
+bundle: $(STAMP)
+	PY=$(BIN)/python scripts/bundle.sh
 
 install: $(STAMP)
 

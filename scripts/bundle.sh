@@ -37,9 +37,11 @@ for stage in $stages; do
           --source-weights 0.2,0.8 --reference "$work/synth_ref" --bf16 --resume
     done ;;
   calibrate)
-    $py -c "import sys; from mimood.eval.calibrate import calibrate; calibrate(sys.argv[1], methods=("mimood",), slice_stride=4)" "$run" ;;
+    $py -c "import sys; from mimood.eval.calibrate import calibrate; calibrate(sys.argv[1], methods=('mimood',), slice_stride=4)" "$run" ;;
   export)
-    $py -m mimood.cli.export --run "$run" --out "$out" ;;
+    $py -m mimood.cli.export -m "$run" -o "$work/export"
+    # the shipped copy leaves out the torch backend's checkpoints and onnxruntime's fused copies (<= 10 MB)
+    $py -c "import sys; from mimood.export.slim import slim_copy; print(slim_copy(*sys.argv[1:3], ('weights', 'ort_graphs')), 'bytes in', sys.argv[2])" "$work/export" "$out" ;;
   *) echo "bundle.sh: unknown stage $stage (data, train, calibrate, export)" >&2; exit 2 ;;
   esac
 done

@@ -41,7 +41,7 @@ from mimood.config import GRID, LAM_PERCENTILE, MaskConfig, RestoreConfig, RunCo
 from mimood.contract import atomic_write
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
-from mimood.eval.baselines import MVTMLikelihood, ar_nll
+from mimood.eval.baselines import MVTMLikelihood, ar_nll, intensity_token_scores
 from mimood.eval.methods import available_methods, build_methods, load_models
 from mimood.eval.metrics import json_ready, token_labels, token_metrics
 from mimood.eval.token_critic import CRITIC
@@ -152,6 +152,10 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
         if name in token_scores:
             lams[name] = float(np.percentile(token_scores[name][brain_tokens], token_percentile))
             rules[name] = f"P{token_percentile:g} of {what} of healthy brain tokens"
+    if "mimood_intensity" in methods:             # the ATD's rule, on the intensity token score
+        q = LAM_PERCENTILE if lam_percentile is None else lam_percentile
+        lams["mimood_intensity"] = float(np.percentile(intensity_token_scores(images[:, None])[brain_tokens], q))
+        rules["mimood_intensity"] = f"P{q:g} of intensity token scores of healthy brain tokens"
     lams["ar"], rules["ar"] = cfg.lam_nll, "configured lambda_NLL (RestoreConfig.lam_nll)"
     lams["mimood_paper"], rules["mimood_paper"] = cfg.lam, "configured lambda (RestoreConfig.lam; the paper's 0.005)"
 

@@ -89,7 +89,7 @@ def method_lams(cal: dict, cfg: RestoreConfig, lam: float | None = None) -> dict
     """Token thresholds: calibration.json's, `lam` overriding MIM-OOD's, the config's lambda_NLL for AR."""
     m = cal.get("methods", {})
     lams = {"mimood": cal["lam"] if lam is None else lam, "ar": m.get("ar", {}).get("lam", cfg.lam_nll)}
-    for name in ("mvtm_likelihood", "token_critic", "mimood_paper"):
+    for name in ("mvtm_likelihood", "token_critic", "mimood_paper", "mimood_intensity"):
         if name in m:
             lams[name] = m[name]["lam"]
     return lams

@@ -31,10 +31,12 @@ from mimood.models.checkpoint import load_model
 from mimood.restore import restore
 from mimood.runtime.torch_backend import TorchEngine
 
-METHODS = ("mimood", "mimood_paper", "ar", "mvtm_likelihood", "token_critic", "intensity", "dae")
+METHODS = ("mimood", "mimood_paper", "ar", "mvtm_likelihood", "token_critic", "intensity", "dae",
+           "mimood_intensity")
 MODELS = {"mimood": ("vqvae", "atd", "mvtm"), "mimood_paper": ("vqvae", "atd_paper", "mvtm"),
           "mvtm_likelihood": ("vqvae", "atd", "mvtm"), "ar": ("vqvae", "atd", "mvtm", "ar"),
-          "token_critic": ("vqvae", "atd", "mvtm", CRITIC), "intensity": (), "dae": ("dae",)}
+          "token_critic": ("vqvae", "atd", "mvtm", CRITIC), "intensity": (), "dae": ("dae",),
+          "mimood_intensity": ("vqvae", "atd", "mvtm")}
 
 
 @dataclass
@@ -59,6 +61,33 @@ class RestoreMethod:
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
         r = restore(self.engine, x, self.cfg, rng, lam=self.lam)
         return MethodOutput(r.maps, r.token_scores)
+
+
+class InputScores(torch.nn.Module):
+    """A detector that returns scores fixed per batch (set before each restore), whatever the tokens: the
+    intensity-detector ablation masks the same bright tokens in every iteration."""
+
+    def __init__(self):
+        super().__init__()
+        self.scores = torch.zeros(0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.scores.to(tokens.device)
+
+
+class IntensityRestoreMethod:
+    """Ablation `mimood_intensity`: the ATD replaced by the intensity baseline's token score (mean intensity of
+    each 8 x 8 block), the MVTM re-samples the tokens above lambda, the map is the usual smoothed residual. Bright
+    healthy tissue (CSF) should come back as itself from its context, a tumour as healthy tissue."""
+
+    def __init__(self, engine: TorchEngine, cfg: RestoreConfig, lam: float):
+        self.name, self.engine, self.cfg, self.lam = "mimood_intensity", engine, cfg, lam
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
+        scores = intensity_token_scores(x)                                       # [B, N]
+        self.engine.detector.scores = torch.from_numpy(np.repeat(scores, self.engine.R, axis=0))
+        r = restore(self.engine, x, self.cfg, rng, lam=self.lam)
+        return MethodOutput(r.maps, scores)
 
 
 class ARMethod:
@@ -141,6 +170,9 @@ def build_methods(models: dict, names, cfg: RestoreConfig, lams: dict[str, float
             out[n] = RestoreMethod(n, critic_engine, cfg, lams[n])
         elif n == "ar":
             out[n] = ARMethod(engine, models["ar"], lams[n])
+        elif n == "mimood_intensity":
+            fixed = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg, detector=InputScores())
+            out[n] = IntensityRestoreMethod(fixed, cfg, lams[n])
         else:
             out[n] = IntensityMethod()
     return out

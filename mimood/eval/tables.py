@@ -22,7 +22,8 @@ from mimood.eval.metrics import dice, json_ready, pixel_metrics, token_metrics
 
 PAPER_NAMES = {"mimood": "MIM-OOD", "mimood_paper": "MIM-OOD (paper ATD, lambda 0.005)", "ar": "AR restoration",
                "mvtm_likelihood": "MVTM likelihood", "dae": "Denoising autoencoder",
-               "token_critic": "MVTM + Token Critic", "intensity": "Intensity"}
+               "token_critic": "MVTM + Token Critic", "intensity": "Intensity",
+               "mimood_intensity": "MIM-OOD, intensity detector (ablation)"}
 
 
 @dataclass
