@@ -141,6 +141,8 @@ def test_parts_are_disjoint_and_cover_the_folder(export, tmp_path):
     assert [len(s) for s in seen] == [2, 2, 1]
     assert set.union(*seen) == {f"case{i}.nii.gz" for i in range(5)}
     assert not (out / "report.csv").exists()
+    page = (out / "index.html").read_text()                                  # the last part lists every part
+    assert all(f'data-name="case{i}"' in page for i in range(5)) and page.count("<tr data-name=") == 5
 
 
 def test_bad_arguments_exit_2(export, tmp_path):

@@ -152,7 +152,10 @@ def test_report_scan_score_is_the_ood_score(run, export, tmp_path):
     amap = np.asarray(nib.load(str(out / "scan.nii.gz")).dataobj)
     assert 0 < float(row["map_score"]) <= amap.max() + 1e-6               # the map score kept as its own column
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["scans"][str(inp / "scan.nii.gz")]["ood"]["value"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    scan = prov["scans"][str(inp / "scan.nii.gz")]
+    assert scan["ood"]["value"] == pytest.approx(want, rel=1e-4, abs=1e-5) and "z" not in scan["ood"]
+    assert scan["score"]["z"] is None and scan["score"]["percentile"] is None            # ref.n < 20
+    assert scan["score"]["omitted"].startswith("z-score and percentile need at least 20")
 
 
 def test_ood_runtime_needs_no_torch():

@@ -362,8 +362,8 @@ class InferJob:
         self.scans[str(case.image)] = geometry_summary(scan.slices)
         if self.reference is not None:
             self.scans[str(case.image)]["score"] = self.reference.report(row.raw_score)
-        if ood_report is not None:
-            self.scans[str(case.image)]["ood"] = ood_report
+        if ood_report is not None:               # its z and percentile are "score"'s, given with >= 20 references
+            self.scans[str(case.image)]["ood"] = {k: ood_report[k] for k in ("score", "value")}
         self._save_report()
         self.scan_bar.update()
 

@@ -92,6 +92,6 @@ def bundled_name(folder: Path) -> str:
 def _shown(folder: Path) -> str:
     """The bundled folder as the user should read it: relative to the package's parent when inside it."""
     try:
-        return str(folder.resolve().relative_to(BUNDLED.parents[1]))
+        return str(folder.resolve().relative_to(BUNDLED.parents[2]))
     except ValueError:
         return str(folder)
