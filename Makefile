@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.mimood-installed
 .PHONY: demo test install bundle clean-venv
 
 demo: $(STAMP)
-	$(BIN)/mimood-demo --out mimood_demo
+	$(BIN)/mimood-demo -o mimood_demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,6 @@
 """The README's performance table from `mimood-bench --json` files: one row per path, each naming its machine.
 
-    mimood-bench --run RUN --json benchmarks/results/bench_<name>.json      # on each machine
+    mimood-bench -m RUN -o benchmarks/results/bench_<name>.json            # on each machine
     python benchmarks/bench_table.py benchmarks/results/bench_*.json > benchmarks/results/bench_table.md
 """
 from __future__ import annotations

@@ -66,7 +66,7 @@ class Infer:
             timeout: float = 3600, kill_after: float | None = None, kill_when=None) -> dict:
         rss = self.work / f"rss-{len(self.runs)}"
         rss.unlink(missing_ok=True)
-        cmd = [sys.executable, "-c", RUNNER, str(inp), "-o", str(out), "--export", str(export or self.export),
+        cmd = [sys.executable, "-c", RUNNER, str(inp), "-o", str(out), "-m", str(export or self.export),
                "--backend", self.backend, *extra]
         env = {**os.environ, "PYTHONPATH": str(REPO), "FUZZ_RSS": str(rss)}
         t0 = time.perf_counter()

@@ -249,7 +249,7 @@ class OODRecord:
     pass_type: str                               # "unmasked" or "masked" (mimood.ood.features)
     aggregation: dict[str, Any]                  # mimood.ood.scan.Aggregation's fields
     mvtm_sha256: str                             # the MVTM the statistics were fitted on
-    reference: dict[str, float]                  # healthy reference scan scores: {"n", "mean", "std"}
+    reference: dict[str, float | None]           # healthy reference scan scores: {"n", "mean", "std"} (None: too few)
 
 
 @dataclass
@@ -277,6 +277,10 @@ class Extra:
     validation: ExportValidation | None = None
     opset: int | None = None
     engines: str | None = None                   # what happened to the TensorRT engines at export (one line)
+    # score name -> raw scan scores of healthy reference scans, for scan scores whose statistics file does not
+    # hold them (the OOD scores' are in ood.safetensors): "map", the anomaly-map score of healthy calibration
+    # volumes; mimood.runtime.writer turns a raw score into the [0, 1] scan score with it
+    reference: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: Any) -> "Extra":

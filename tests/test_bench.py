@@ -33,7 +33,7 @@ def test_bench_json_contract(tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(main, ["--preset", "tiny", "--batch", "2", "-R", "1", "-T", "1", "--repeats", "2",
                                   "--ar-positions", "2", "--no-volume", "--backends", "ort-fp32",
-                                  "--json", str(out)])
+                                  "-o", str(out)])
     assert r.exit_code == 0, r.output
     d = json.loads(out.read_text())
     assert {"machine", "results", "ratios"} <= set(d)

@@ -12,7 +12,7 @@ from mimood.cli.data import main
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--n-train", "1", "--n-test", "1", "--seed", "2"])
+    result = CliRunner().invoke(main, ["demo", "-o", str(out), "--n-train", "1", "--n-test", "1", "--seed", "2"])
     assert result.exit_code == 0, result.output
     assert "wrote 1 healthy training volumes" in result.output
     assert "3 test volumes (1 with" in result.output and "2 healthy" in result.output
@@ -51,22 +51,22 @@ def test_check_reports_each_problem_and_exits_1(demo_dir, tmp_path):
 def test_bad_arguments_exit_2(tmp_path):
     r = CliRunner().invoke(main, ["check", str(tmp_path / "absent")])
     assert r.exit_code == 2 and r.output.strip() == f"error: {tmp_path / 'absent'}: no such file or folder"
-    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--n-train", "-1"])
+    r = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "d"), "--n-train", "-1"])
     assert r.exit_code == 2
     (tmp_path / "file").write_text("x")
-    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "file")])
+    r = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "file")])
     assert r.exit_code == 2 and "is not a folder" in r.output
 
 
 def test_preview_png(demo_dir, tmp_path):
     img = demo_dir / "test" / "images" / "lesion_000.nii.gz"
     label = demo_dir / "test" / "labels" / "lesion_000.nii.gz"
-    r = CliRunner().invoke(main, ["preview", str(img), "--label", str(label), "--out", str(tmp_path / "p.png")])
+    r = CliRunner().invoke(main, ["preview", str(img), "--label", str(label), "-o", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     (tmp_path / "bad.nii").write_text("not an image" * 50)
-    r = CliRunner().invoke(main, ["preview", str(tmp_path / "bad.nii"), "--out", str(tmp_path / "q.png")])
+    r = CliRunner().invoke(main, ["preview", str(tmp_path / "bad.nii"), "-o", str(tmp_path / "q.png")])
     assert r.exit_code == 2
     assert r.output.strip() == f"error: {tmp_path / 'bad.nii'}: not a NIfTI file (no NIfTI-1/2 header)"
     assert not (tmp_path / "q.png").exists()

@@ -104,11 +104,11 @@ def test_make_synth_and_cli_keep_the_grid(tmp_path):
     meta = json.loads((out / "synth.json").read_text())
     assert meta["seed"] == 1 and len(meta["volumes"]) == 3
     first = (out / files[0].name).read_bytes()
-    r = CliRunner().invoke(data_cli, ["synth", "--labelmaps", str(maps), "--n", "4", "--out", str(out),
+    r = CliRunner().invoke(data_cli, ["synth", "-i", str(maps), "--n", "4", "-o", str(out),
                                       "--seed", "1"])
     assert r.exit_code == 0, r.output
     assert "wrote 4 volumes from 2 label maps" in r.output
     assert (out / files[0].name).read_bytes() == first                        # kept, not redrawn
-    r = CliRunner().invoke(data_cli, ["synth", "--labelmaps", str(maps), "--n", "1", "--out", str(tmp_path / "x"),
+    r = CliRunner().invoke(data_cli, ["synth", "-i", str(maps), "--n", "1", "-o", str(tmp_path / "x"),
                                       "--select", "5:9"])
     assert r.exit_code == 2 and "leaves no label map" in r.output

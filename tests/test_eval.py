@@ -188,9 +188,9 @@ def test_json_turns_nan_into_null():
 def test_cli_prints_both_tables_and_writes_the_json_contract(tiny, tmp_path):
     run, test = tiny
     (run / "calibration.json").unlink(missing_ok=True)
-    out = tmp_path / "eval.json"
-    r = CliRunner().invoke(main, ["--run", str(run), "--data", str(test), "--json", str(out), "--max-cases", "2",
-                                  "--slice-stride", "2", "-T", "1", "--png", str(tmp_path / "png"), "--quiet"])
+    out = tmp_path / "eval.json"                                    # -o DIR: DIR/eval.json and DIR/png/
+    r = CliRunner().invoke(main, ["-m", str(run), "-i", str(test), "-o", str(tmp_path), "--max-cases", "2",
+                                  "--slice-stride", "2", "-T", "1", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "Token level" in r.output and "Pixel level" in r.output and "inside the brain" in r.output
     assert "calibrating" in r.output                               # no calibration.json: calibrated first
@@ -219,7 +219,7 @@ def test_cli_adds_the_thresholds_a_calibration_lacks(tiny, tmp_path):
     """mimood-demo calibrates MIM-OOD only; evaluating a baseline on such a run recalibrates first."""
     run, test = tiny
     calibrate(run, methods=("mimood",), progress=False)
-    r = CliRunner().invoke(main, ["--run", str(run), "--data", str(test), "--methods", "mimood,intensity",
+    r = CliRunner().invoke(main, ["-m", str(run), "-i", str(test), "--methods", "mimood,intensity",
                                   "--max-cases", "1", "--slice-stride", "4", "-T", "1", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "has no thresholds for intensity: recalibrating" in r.output
@@ -231,7 +231,7 @@ def test_calibrate_only_the_methods_asked_for_on_a_run_without_the_ar_baseline(t
     run = tmp_path / "run"
     shutil.copytree(tiny[0], run, ignore=lambda d, names: ["ar", "critic", "calibration.json"])
     assert "ar" not in available_methods(run) and "mimood" in available_methods(run)
-    r = CliRunner().invoke(main, ["--run", str(run), "--calibrate", "--methods", "mimood", "--slice-stride", "4",
+    r = CliRunner().invoke(main, ["-m", str(run), "--calibrate", "--methods", "mimood", "--slice-stride", "4",
                                   "--quiet"])
     assert r.exit_code == 0, r.output
     assert set(load_calibration(run)["methods"]) == {"mimood"}
@@ -243,8 +243,8 @@ def test_cli_adds_the_scan_level_ood_table_when_the_run_has_ood_statistics(tiny,
     (run / "ood.safetensors").symlink_to(tmp_path / "ood.safetensors")   # this test's run only: removed below
     try:
         out = tmp_path / "eval.json"
-        r = CliRunner().invoke(main, ["--run", str(run), "--data", str(test), "--json", str(out), "--methods",
-                                      "intensity", "--slice-stride", "2", "--quiet"])
+        r = CliRunner().invoke(main, ["-m", str(run), "-i", str(test), "--json", str(out), "--methods",
+                                      "intensity", "--slice-stride", "2", "--quiet"])      # the old --json FILE
     finally:
         (run / "ood.safetensors").unlink()
     assert r.exit_code == 0, r.output
@@ -277,10 +277,10 @@ def test_cli_reports_bad_input_in_one_line(tiny, tmp_path):
     run, test = tiny
     (tmp_path / "images").mkdir()
     nib.save(nib.Nifti1Image(_volume(np.random.default_rng(1), True)[0], np.eye(4)), tmp_path / "images" / "x.nii.gz")
-    r = CliRunner().invoke(main, ["--run", str(run), "--data", str(tmp_path), "--methods", "intensity", "--quiet"])
+    r = CliRunner().invoke(main, ["-m", str(run), "-i", str(tmp_path), "--methods", "intensity", "--quiet"])
     assert r.exit_code == 2 and "error:" in r.output and "no case has a label" in r.output
     assert "Traceback" not in r.output
-    r = CliRunner().invoke(main, ["--run", str(run), "--data", str(test), "--methods", "mimood,bogus"])
+    r = CliRunner().invoke(main, ["-m", str(run), "-i", str(test), "--methods", "mimood,bogus"])
     assert r.exit_code == 2 and "bogus" in r.output
 
 

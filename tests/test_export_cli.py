@@ -16,7 +16,7 @@ def run(tmp_path_factory):
 
 def test_export_without_validation_and_overrides(run, tmp_path):
     out = tmp_path / "exp"
-    r = CliRunner().invoke(main, ["--run", str(run), "--out", str(out), "--batch", "2", "-R", "3", "-T", "5",
+    r = CliRunner().invoke(main, ["-m", str(run), "-o", str(out), "--batch", "2", "-R", "3", "-T", "5",
                                   "--lam", "0.01", "--no-validate"])
     assert r.exit_code == 0, r.output
     lines = r.stdout.strip().splitlines()
@@ -34,7 +34,7 @@ def test_export_without_validation_and_overrides(run, tmp_path):
 def test_failed_check_exits_1(run, tmp_path, monkeypatch):
     strict = ex.Tolerances(**{**ex.TOLERANCES["fp32"].__dict__, "token_mismatch": -1.0})
     monkeypatch.setitem(ex.TOLERANCES, "fp32", strict)
-    r = CliRunner().invoke(main, ["--run", str(run), "--out", str(tmp_path / "exp"), "--batch", "2"])
+    r = CliRunner().invoke(main, ["-m", str(run), "-o", str(tmp_path / "exp"), "--batch", "2"])
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: encode.onnx does not match PyTorch: FAIL tokens")
     assert not (tmp_path / "exp").exists() and list(tmp_path.iterdir()) == []
@@ -54,7 +54,7 @@ def test_bad_run_folder_exits_2(run, tmp_path, damage, problem):
         (bad / "config.json").write_text('{"preset": "tiny", "no_such_key": 1}')
     if damage == "vqvae":
         (bad / "vqvae" / "best.safetensors").unlink()
-    r = CliRunner().invoke(main, ["--run", str(bad)])
+    r = CliRunner().invoke(main, ["-m", str(bad)])
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and problem in r.stderr
     assert r.stderr.startswith("error: ")

@@ -9,7 +9,7 @@ from mimood.contract import Manifest
 
 def test_export_prints_ort_graph_checks(tmp_path):
     run, out = make_random_run(tmp_path / "run"), tmp_path / "exp"
-    r = CliRunner().invoke(main, ["--run", str(run), "--out", str(out), "--batch", "2"])
+    r = CliRunner().invoke(main, ["-m", str(run), "-o", str(out), "--batch", "2"])
     assert r.exit_code == 0, r.output
     lines = r.stdout.strip().splitlines()
     k = lines.index(f"manifest: {out / 'manifest.json'}")

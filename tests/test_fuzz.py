@@ -70,7 +70,7 @@ def test_a_slice_through_mimood_infer(tmp_path_factory):
             p = folder / i.name
             p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
     out = folder.parent / "out"
-    res = CliRunner().invoke(main, [str(folder), "-o", str(out), "--export", str(export), "--backend", "ort"])
+    res = CliRunner().invoke(main, [str(folder), "-o", str(out), "-m", str(export), "--backend", "ort"])
     assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit), res.output
     verdict = judge_folder(keep, folder, out, res.output, with_mask=True)
     assert verdict["inputs"] >= 35 and verdict["outcomes"]["ok"] >= 15 and verdict["outcomes"]["failed"] >= 15

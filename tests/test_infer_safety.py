@@ -36,7 +36,7 @@ def export(tmp_path_factory):
 
 
 def infer(export, inp, out, *extra):
-    return CliRunner().invoke(main, [str(inp), "-o", str(out), "--export", str(export), "--backend", "ort", *extra])
+    return CliRunner().invoke(main, [str(inp), "-o", str(out), "-m", str(export), "--backend", "ort", *extra])
 
 
 def screen(text):
@@ -239,7 +239,7 @@ def test_export_refuses_a_nan_lam_before_exporting(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     preset("tiny").save(run / "config.json")
-    res = CliRunner().invoke(export_main, ["--run", str(run), "--lam", "nan"])
+    res = CliRunner().invoke(export_main, ["-m", str(run), "--lam", "nan"])
     assert res.exit_code == EXIT_USAGE and res.output == "error: --lam: 'lam' must be a number in [0, 1], got NaN\n"
 
 

@@ -26,7 +26,7 @@ def test_descrip_and_window(tmp_path):
     slices = preprocess(tmp_path / "a.nii.gz", DataConfig())
     maps = np.where(slices.brain, np.random.default_rng(1).uniform(0, 1, slices.images.shape), 0)
     paths = output_paths(tmp_path / "out", "a", tmp_path / "a.nii.gz")
-    write_scan(paths, "a", slices, maps.astype(np.float32), 0.08, score_name="ood.mirror")
+    write_scan(paths, slices, maps.astype(np.float32), 0.08, score_name="ood.mirror")
     m, k = nib.load(paths["map"]), nib.load(paths["mask"])
     v = mimood.__version__
     assert m.header["descrip"].item().decode() == f"mimood {v} anomaly map [0,1]; scan score ood.mirror"
@@ -37,24 +37,22 @@ def test_descrip_and_window(tmp_path):
     assert (float(k.header["cal_min"]), float(k.header["cal_max"])) == (0, 1)
     assert np.allclose(m.affine, AFFINE) and np.allclose(k.affine, AFFINE)
 
-    write_scan(paths, "a", slices, maps.astype(np.float32), None)            # no threshold: [0, 1], no mask
+    paths["mask"].unlink()
+    write_scan(paths, slices, maps.astype(np.float32), None)                # no threshold: [0, 1], no mask
     m = nib.load(paths["map"])
     assert (float(m.header["cal_min"]), float(m.header["cal_max"])) == (0, 1)
-    assert m.header["descrip"].item().decode().endswith("scan score map")
+    assert m.header["descrip"].item().decode().endswith("scan score map") and not paths["mask"].exists()
 
 
 def test_every_report_column_is_described_with_its_unit():
     import pytest
-    from mimood.runtime.components import STAT_COLUMNS, lesion_stats
-    from mimood.runtime.outputs import COLUMNS, describe_columns
-    from mimood.runtime.reference import SCORE_COLUMNS
+    from mimood.runtime.outputs import COLUMNS, columns_sidecar, describe_columns
 
-    side = describe_columns(COLUMNS)
+    side = columns_sidecar()
     assert [c["name"] for c in side["columns"]] == COLUMNS
-    _, stats = lesion_stats(np.zeros((4, 4, 4), bool), np.eye(4))
-    planned = COLUMNS[:3] + ["scan_score", "raw_score"] + list(stats.row()) + ["seconds"]
-    side = describe_columns(planned, stats=STAT_COLUMNS, score=SCORE_COLUMNS)
     units = {c["name"]: c["unit"] for c in side["columns"]}
-    assert units["largest_ml"] == "ml" and units["largest_r_mm"] == "mm" and units["scan_score"].endswith("[0, 1]")
+    assert units["largest_ml"] == units["flagged_ml"] == "ml" and units["largest_r_mm"] == "mm"
+    assert units["scan_score"].endswith("[0, 1]") and units["seconds"] == "s"
+    assert all(c["description"] for c in side["columns"])
     with pytest.raises(KeyError, match="largest_ml"):
-        describe_columns(COLUMNS + ["largest_ml"])
+        describe_columns(["file", "largest_ml"])                          # no description given: refused

@@ -25,6 +25,7 @@ from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import OOD_FILE, OODScorer, brain_share
 from mimood.runtime import infer_folder
 from mimood.runtime.bundle import Bundle
+from mimood.runtime.reference import HealthyReference
 
 B, R = 4, 2
 AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
@@ -143,11 +144,18 @@ def test_report_scan_score_is_the_ood_score(run, export, tmp_path):
     want = res.scan[scorer.scan_score_name]
     assert scorer.scan_score_name == "mirror" and res.scan["mirror"] > 0
     assert row["score_name"] == f"ood.{scorer.scan_score_name}"
-    assert float(row["scan_score"]) == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert float(row["raw_score"]) == pytest.approx(want, rel=1e-4, abs=1e-5)
+    ref = HealthyReference(scorer.meta["reference"]["mirror"])              # the fit's healthy validation scans
+    assert int(row["reference_scans"]) == ref.n >= 1
+    assert float(row["scan_score"]) == pytest.approx(ref.calibrate(float(row["raw_score"])), abs=1e-9)
+    assert 0 < float(row["scan_score"]) < 1
     amap = np.asarray(nib.load(str(out / "scan.nii.gz")).dataobj)
     assert 0 < float(row["map_score"]) <= amap.max() + 1e-6               # the map score kept as its own column
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["scans"][str(inp / "scan.nii.gz")]["ood"]["value"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    scan = prov["scans"][str(inp / "scan.nii.gz")]
+    assert scan["ood"]["value"] == pytest.approx(want, rel=1e-4, abs=1e-5) and "z" not in scan["ood"]
+    assert scan["score"]["z"] is None and scan["score"]["percentile"] is None            # ref.n < 20
+    assert scan["score"]["omitted"].startswith("z-score and percentile need at least 20")
 
 
 def test_ood_runtime_needs_no_torch():
@@ -164,7 +172,7 @@ def test_ood_scan_score_in_the_runtime_only_install(run, export, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
     write_volume(inp / "scan.nii.gz", seed=7)
-    res = infer([str(inp), "-o", str(tmp_path / "lean"), "--export", str(export), "--backend", "ort"])
+    res = infer([str(inp), "-o", str(tmp_path / "lean"), "-m", str(export), "--backend", "ort"])
     assert res.returncode == 0, res.stderr
     infer_folder(inp, tmp_path / "full", export, backend="ort", progress=False)
     rows = []
@@ -172,7 +180,8 @@ def test_ood_scan_score_in_the_runtime_only_install(run, export, tmp_path):
         with open(tmp_path / out / "report.csv", newline="") as f:
             rows.append(next(csv.DictReader(f)))
     assert rows[0]["score_name"] == rows[1]["score_name"] == "ood.mirror"
-    assert float(rows[0]["scan_score"]) == pytest.approx(float(rows[1]["scan_score"]), rel=1e-6)
+    assert float(rows[0]["raw_score"]) == pytest.approx(float(rows[1]["raw_score"]), rel=1e-6)
+    assert float(rows[0]["scan_score"]) == pytest.approx(float(rows[1]["scan_score"]), abs=1e-6)
 
 
 def test_eval_tables_on_a_labelled_folder(run, tmp_path):

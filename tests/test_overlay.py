@@ -82,6 +82,25 @@ def test_without_a_threshold_core_slices_with_most_map(slices):
     assert p.rows.tolist() == [20] and p.components == 0
 
 
+def test_a_bright_partial_volume_pixel_does_not_push_the_lesion_out(slices):
+    """(Moved from tests/test_infer.py with the old outputs.overlay_slices.) One very bright pixel on the first and
+    last slice of the brain peaks higher than the lesion; the panels still show the lesion, and map values outside
+    the brain do not count."""
+    mid = len(slices.index) // 2
+    maps = np.zeros_like(slices.images)
+    first, last = 0, len(maps) - 1
+    for r in (first, last):
+        y, x = np.argwhere(slices.brain[r])[0]
+        maps[r, y, x] = 0.99
+    maps[mid - 4:mid + 5, 60:72, 60:72] = 0.5                               # 9 slices x 144 px = 1.3 ml
+    maps = np.where(slices.brain, maps, 0).astype(np.float32)
+    p = pick_panels(slices, maps, THRESHOLD, n=2)
+    assert all(mid - 4 <= r <= mid + 4 for r in p.rows) and p.removed == 2   # the two pixels: specks, dropped
+    outside = np.zeros_like(maps)
+    outside[mid, ~slices.brain[mid]] = 0.9                                   # outside the brain: not flagged
+    assert pick_panels(slices, outside, THRESHOLD, n=1).components == 0
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_slice_numbers_are_the_inputs_own(flip):
     """A box at input slices 10..13 (of 40, 1.5 mm) shows up on panels numbered 10..13, whichever way the input's
@@ -125,6 +144,9 @@ def test_figure_is_radiological_with_markers_colour_bar_and_score(slices):
     labels = [t.get_text() for t in bar[0].get_yticklabels()]
     assert any("threshold" in t and "0.3" in t for t in labels)
     assert any(abs(line.get_ydata()[0] - THRESHOLD) < 1e-9 for line in bar[0].lines)   # the threshold line
+
+    raw = overlay_figure("case", slices, maps, THRESHOLD, score=8.31, score_name="map", n=1, calibrated=False)
+    assert "raw map score 8.31 (no healthy reference: not in [0, 1])" in raw._suptitle.get_text()
 
     neuro = overlay_figure("case", slices, maps, THRESHOLD, radiological=False, n=1)
     ax = [a for a in neuro.axes if a.images][0]

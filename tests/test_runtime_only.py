@@ -53,7 +53,7 @@ def test_ort_backend_maps_a_scan_without_torch_monai_sklearn_or_matplotlib(expor
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     data = write_scan(inp / "a.nii.gz")
-    res = infer([str(inp), "-o", str(out), "--export", str(export), "--backend", "ort"])
+    res = infer([str(inp), "-o", str(out), "-m", str(export), "--backend", "ort"])
     assert res.returncode == 0, res.stderr
     amap = np.asarray(nib.load(str(out / "a.nii.gz")).dataobj)
     assert amap.shape == data.shape and amap.max() > 0 and (amap[data == 0] == 0).all()
@@ -63,7 +63,7 @@ def test_ort_backend_maps_a_scan_without_torch_monai_sklearn_or_matplotlib(expor
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["backend_used"].startswith("ort fp32 CPUExecutionProvider") and prov["finished"]
 
-    again = infer([str(inp), "-o", str(out), "--export", str(export), "--continue"])   # auto picks ort
+    again = infer([str(inp), "-o", str(out), "-m", str(export), "--continue"])   # auto picks ort
     assert again.returncode == 0, again.stderr
     assert "1 finished scans skipped" in again.stderr                      # finished without its PNG
     prov = json.loads((out / "provenance.json").read_text())
@@ -74,7 +74,7 @@ def test_torch_backend_without_torch_is_a_one_line_error(export, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
     write_scan(inp / "a.nii.gz")
-    res = infer([str(inp), "-o", str(tmp_path / "out"), "--export", str(export), "--backend", "torch"])
+    res = infer([str(inp), "-o", str(tmp_path / "out"), "-m", str(export), "--backend", "torch"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "error: the torch backend needs PyTorch" in res.stderr
 
@@ -90,7 +90,8 @@ def test_help_imports_none_of_the_training_stack():
 
 def test_exporting_a_run_without_the_export_extra_is_a_one_line_error(tmp_path):
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "in").mkdir()
-    res = infer([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--run", str(tmp_path / "run")])
+    res = infer([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "run")])
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "exporting needs the export extra" in res.stderr and "mimood[export]" in res.stderr

@@ -226,8 +226,8 @@ def test_cli_bad_data_is_one_line(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.nii.gz").write_bytes(b"garbage")
     (tmp_path / "bad" / "b.nii.gz").write_bytes(b"garbage")
-    result = CliRunner().invoke(train_cli, ["vqvae", "--preset", "tiny", "--data", str(tmp_path / "bad"),
-                                            "--run", str(tmp_path / "r"), "--quiet"])
+    result = CliRunner().invoke(train_cli, ["vqvae", "--preset", "tiny", "-i", str(tmp_path / "bad"),
+                                            "-o", str(tmp_path / "r"), "--quiet"])
     assert result.exit_code == 2
     assert "error:" in result.output and "Traceback" not in result.output
 
@@ -236,7 +236,7 @@ def test_torchrun_two_cpu_processes_agree(demo, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            "-m", "mimood.cli.train", "all", "--preset", "tiny", "--steps", "4", "--quiet",
-           "--data", str(demo / "train"), "--run-dir", str(tmp_path / "ddp")]
+           "-i", str(demo / "train"), "-o", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for kind in ("vqvae", "mvtm", "atd", "ar"):

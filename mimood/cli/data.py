@@ -1,4 +1,8 @@
-"""`mimood-data`: demo data, input checks and previews (thin over `mimood.data`)."""
+"""`mimood-data`: demo data, input checks and previews (thin over `mimood.data`).
+
+    mimood-data demo -o DIR                 mimood-data synth -i LABELMAPS -o DIR
+    mimood-data check -i INPUT              mimood-data preview -i FILE -o PNG
+The old spellings --out and --labelmaps still work in this release (deprecated)."""
 from __future__ import annotations
 
 import sys
@@ -9,30 +13,38 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from mimood.cli._common import friendly_errors
+from mimood.cli._common import Group, common, cpu_only, friendly_errors, need, renamed, version_option
 from mimood.config import DataConfig
 from mimood.data.discover import check_case, discover
 from mimood.data.io import atomic_write
 from mimood.errors import InputWarning
 
 
-@click.group(help="Data tools: make the built-in demo data, check a data set, preview what the model sees.")
+@click.group(cls=Group, help="Data tools: make the built-in demo data, check a data set, preview what the model "
+                              "sees.")
+@version_option
 def main():
     pass
 
 
-@main.command(help="Write synthetic demo volumes (from the shipped MNI152 T2 template) under --out.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="output folder")
+@main.command(help="Write synthetic demo volumes (from the shipped MNI152 T2 template) under -o/--output.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Output folder.  [required]")
 @click.option("--n-train", default=16, show_default=True, type=click.IntRange(min=0),
-              help="healthy training volumes")
+              help="Healthy training volumes.")
 @click.option("--n-test", default=6, show_default=True, type=click.IntRange(min=0),
-              help="test volumes with synthetic lesions (2 healthy test volumes are added)")
+              help="Test volumes with synthetic lesions (2 healthy test volumes are added).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@common(cpu=True)
+@renamed("--out", "-o/--output", "out", type=click.Path(path_type=Path))
 @friendly_errors
-def demo(out: Path, n_train: int, n_test: int, seed: int):
+def demo(out: Path, n_train: int, n_test: int, seed: int, device: str, quiet: bool):
     from mimood.data.demo import make_demo  # torch/MONAI load only for this command
 
-    info = make_demo(out, n_train=n_train, n_test_lesion=n_test, seed=seed, progress=True)
+    cpu_only(device, "mimood-data demo")
+    out = need(out, "-o/--output")
+    info = make_demo(out, n_train=n_train, n_test_lesion=n_test, seed=seed, progress=not quiet)
+    if quiet:
+        return
     n_lesions = sum(len(t["lesions"]) for t in info["test"])
     click.echo(f"wrote {len(info['train'])} healthy training volumes to {out / 'train'}")
     click.echo(f"wrote {len(info['test'])} test volumes ({info['n_test_lesion']} with {n_lesions} lesions, "
@@ -42,23 +54,36 @@ def demo(out: Path, n_train: int, n_test: int, seed: int):
 
 @main.command(help="Write N healthy T2-like volumes synthesised from whole-head label maps (SynthSeg style: "
                     "random per-structure T2 contrast, bias field, noise, blur or thick slices, small deformations; "
-                    "skull-stripped) to --out, with synth.json describing every volume.")
-@click.option("--labelmaps", required=True, type=click.Path(path_type=Path),
-              help="folder of label maps (FreeSurfer labels; >= 500 extra-cerebral)")
-@click.option("--n", "n", default=40, show_default=True, type=click.IntRange(min=1), help="volumes to write")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="output folder")
+                    "skull-stripped) to -o/--output, with synth.json describing every volume.")
+@click.option("-i", "--input", "labelmaps", type=click.Path(path_type=Path),
+              help="Folder of label maps (FreeSurfer labels; >= 500 extra-cerebral).  [required]")
+@click.option("--n", "n", default=40, show_default=True, type=click.IntRange(min=1), help="Volumes to write.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Output folder.  [required]")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--select", default=":", show_default=True,
-              help="which of the sorted label maps to use, as a Python slice (e.g. 0:18 for training, 18: for "
-                   "held-out subjects)")
+              help="Which of the sorted label maps to use, as a Python slice (e.g. 0:18 for training, 18: for "
+                   "held-out subjects).")
+@common(cpu=True)
+@renamed("--labelmaps", "-i/--input", "labelmaps", type=click.Path(path_type=Path))
+@renamed("--out", "-o/--output", "out", type=click.Path(path_type=Path))
 @friendly_errors
-def synth(labelmaps: Path, n: int, out: Path, seed: int, select: str):
+def synth(labelmaps: Path, n: int, out: Path, seed: int, select: str, device: str, quiet: bool):
     from mimood.data.synth import make_synth
 
-    info = make_synth(labelmaps, out, n, seed=seed, select=_slice(select), progress=True)
+    cpu_only(device, "mimood-data synth")
+    labelmaps, out = need(labelmaps, "-i/--input"), need(out, "-o/--output")
+    info = make_synth(labelmaps, out, n, seed=seed, select=_slice(select), progress=not quiet)
+    if quiet:
+        return
     sources = sorted({v["source"] for v in info["volumes"]})
     click.echo(f"wrote {len(info['volumes'])} volumes from {len(sources)} label maps to {out} (seed {seed}); "
                f"parameters in {out / 'synth.json'}")
+
+
+def _one_input(arg: Path | None, opt: Path | None) -> Path:
+    if (arg is None) == (opt is None):
+        raise click.UsageError("give the input once: as the argument or as -i/--input")
+    return arg or opt
 
 
 def _slice(text: str) -> slice:
@@ -73,18 +98,23 @@ def _slice(text: str) -> slice:
 
 @main.command(help="Check every volume (and label) under INPUT: one line per problem, exit 1 if any; warnings "
                     "about usable files are printed as 'warning: ...' lines.")
-@click.argument("input", type=click.Path(path_type=Path))
-@click.option("--modality", default="t2", show_default=True, help="which file of a BraTS-style case to read")
-@click.option("--labels", is_flag=True, help="every volume must have a label (an evaluation set)")
+@click.argument("input_arg", required=False, type=click.Path(path_type=Path), metavar="[INPUT]")
+@click.option("-i", "--input", "input_opt", type=click.Path(path_type=Path), help="Same as INPUT: a folder or a file.")
+@click.option("--modality", default="t2", show_default=True, help="Which file of a BraTS-style case to read.")
+@click.option("--labels", is_flag=True, help="Every volume must have a label (an evaluation set).")
 @click.option("--skull-check/--no-skull-check", default=True, show_default=True,
-              help="report volumes that do not look skull-stripped (background share, non-zero volume, the field "
-                   "of view's outer shell; mimood.data.checks)")
+              help="Report volumes that do not look skull-stripped (background share, non-zero volume, the field "
+                   "of view's outer shell; mimood.data.checks).")
+@common(cpu=True)
 @friendly_errors
-def check(input: Path, modality: str, labels: bool, skull_check: bool):
+def check(input_arg: Path | None, input_opt: Path | None, modality: str, labels: bool, skull_check: bool,
+          device: str, quiet: bool):
+    cpu_only(device, "mimood-data check")
+    input = _one_input(input_arg, input_opt)
     cases = discover(input, modality=modality)
     cfg = DataConfig(modality=modality)
     failed = 0
-    for case in tqdm(cases, desc="checking", unit="volume", disable=None):
+    for case in tqdm(cases, desc="checking", unit="volume", disable=True if quiet else None):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InputWarning)
             problems = check_case(case, cfg, require_label=labels, skull=skull_check)
@@ -102,11 +132,16 @@ def check(input: Path, modality: str, labels: bool, skull_check: bool):
 
 
 @main.command(help="PNG of a few axial slices of FILE after preprocessing, with the label's outline if given.")
-@click.argument("file", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write")
-@click.option("--label", type=click.Path(path_type=Path), default=None, help="label volume to outline")
+@click.argument("file_arg", required=False, type=click.Path(path_type=Path), metavar="[FILE]")
+@click.option("-i", "--input", "file_opt", type=click.Path(path_type=Path), help="Same as FILE: the volume.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="PNG to write.  [required]")
+@click.option("--label", type=click.Path(path_type=Path), default=None, help="Label volume to outline.")
+@common(cpu=True)
+@renamed("--out", "-o/--output", "out", type=click.Path(path_type=Path))
 @friendly_errors
-def preview(file: Path, out: Path, label: Path | None):
+def preview(file_arg: Path | None, file_opt: Path | None, out: Path, label: Path | None, device: str, quiet: bool):
+    cpu_only(device, "mimood-data preview")
+    file, out = _one_input(file_arg, file_opt), need(out, "-o/--output")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,7 +166,8 @@ def preview(file: Path, out: Path, label: Path | None):
     with atomic_write(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    click.echo(f"wrote {out} ({len(pick)} of {len(s.index)} slices)")
+    if not quiet:
+        click.echo(f"wrote {out} ({len(pick)} of {len(s.index)} slices)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""`mimood-export`: a run folder -> ONNX graphs (+ fp16 copies, TensorRT engines) and their manifest."""
+"""`mimood-export -m RUN [-o EXPORT]`: a run folder -> ONNX graphs (+ fp16 copies, TensorRT engines) and their
+manifest. The old spellings --run RUN and --out EXPORT still work in this release (deprecated)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from mimood.cli._common import friendly_errors
+from mimood.cli._common import Command, common, cpu_only, fail, friendly_errors, model_option, renamed
 
 
 def _summary(check: dict) -> str:
@@ -20,10 +20,10 @@ def _summary(check: dict) -> str:
     return f"{verdict}{check['name']} |err| {check['max_abs_err']:.2g} (<= {check['atol']:g})"
 
 
-@click.command()
-@click.option("--run", "run", default="runs/default", show_default=True, type=click.Path(path_type=Path),
-              help="Run folder (config.json, <model>/best.safetensors, data/val_slices.npz).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.command(cls=Command, epilog="Old spellings --run and --out still work in this release (deprecated).")
+@model_option(help="Training run folder (config.json, <model>/best.safetensors, data/val_slices.npz).  "
+                   "[default: runs/default]")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
               help="Export folder (replaced whole when complete).  [default: <run>/export]")
 @click.option("--fp16", is_flag=True, help="Also write half-precision graphs (LayerNorm, softmax, sampling, "
                                            "VQ search and the residual stay fp32).")
@@ -37,17 +37,23 @@ def _summary(check: dict) -> str:
               help="ATD threshold lambda.  [default: <run>/calibration.json's, else the run's]")
 @click.option("--no-validate", "no_validate", is_flag=True,
               help="Skip the onnxruntime-vs-PyTorch checks (they take seconds).")
+@common(cpu=True)
+@renamed("--run", "-m/--model", "model", type=click.Path(path_type=Path))
+@renamed("--out", "-o/--output", "out", type=click.Path(path_type=Path))
 @friendly_errors
-def main(run, out, fp16, batch, R, T, lam, no_validate):
+def main(model, out, fp16, batch, R, T, lam, no_validate, device, quiet):
     """Export the run's VQ-VAE, ATD and MVTM as the four graphs of the restoration loop, check each
     against PyTorch on held-out slices, and write the manifest inference reads."""
     from mimood.export.export import ValidationError, export_run
+    from mimood.runtime.model import require_run
 
+    cpu_only(device, "mimood-export")
+    run = require_run(model if model is not None else Path("runs/default"), "mimood-export")
     try:
-        m = export_run(run, out=out, batch=batch, fp16=fp16, R=R, T=T, lam=lam, validate=not no_validate)
+        m = export_run(run, out=out, batch=batch, fp16=fp16, R=R, T=T, lam=lam, validate=not no_validate,
+                       progress=not quiet)
     except ValidationError as e:
-        click.echo(f"error: {e} (nothing written)", err=True)
-        sys.exit(1)
+        fail(f"{e} (nothing written)", 1)
     out = run / "export" if out is None else out
     click.echo(f"graphs for batch {m.batch} x R {m.R} (T {m.T}, lambda {m.lam:g}):")
     for key, g in m.graphs.items():

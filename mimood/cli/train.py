@@ -1,8 +1,8 @@
-"""`mimood-train {vqvae,mvtm,atd,ar,ood,all}`: train the models of a run folder (`ood`: fit the scan-level OOD
-statistics of the trained MVTM into run/ood.safetensors; `all` ends with it).
+"""`mimood-train {vqvae,mvtm,atd,ar,ood,all} -i DATA -o RUN`: train the models of a run folder (`ood`: fit the
+scan-level OOD statistics of the trained MVTM into RUN/ood.safetensors; `all` ends with it).
 
-Multi-process: `torchrun --nproc_per_node=N -m mimood.cli.train all --run-dir DIR ...` (DistributedDataParallel;
-gloo on CPU, nccl on GPUs). torchrun's own parser would take `--run` for its `--run-path`, hence `--run-dir`."""
+Multi-process: `torchrun --nproc_per_node=N -m mimood.cli.train all -o RUN ...` (DistributedDataParallel; gloo on
+CPU, nccl on GPUs). The old spellings --run/--run-dir (run folder) and --data still work in this release."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import os
 import click
 import torch
 
-from mimood.cli._common import friendly_errors
+from mimood.cli._common import Command, common, cpu_only, friendly_errors, renamed
 from mimood.config import PRESETS, preset
 
 
@@ -23,14 +23,15 @@ def _init_distributed() -> None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // torch.distributed.get_world_size()))
 
 
-@click.command()
+@click.command(cls=Command, epilog="Old spellings --data, --run and --run-dir still work in this release "
+                                   "(deprecated).")
 @click.argument("what", type=click.Choice(["vqvae", "mvtm", "atd", "ar", "ood", "all", "dae", "atd_paper"]))
-@click.option("--data", "data", multiple=True, type=click.Path(exists=True),
-              help="Training volumes (folder or file; repeatable). Default: the built-in demo data.")
-@click.option("--run", "--run-dir", "run", default="runs/default", show_default=True, type=click.Path(),
-              help="Run folder (config, checkpoints, logs). Under torchrun, spell it --run-dir.")
+@click.option("-i", "--input", "data", multiple=True, type=click.Path(exists=True),
+              help="Healthy training volumes (folder or file; repeatable). Default: the built-in demo data.")
+@click.option("-o", "--output", "run", default="runs/default", show_default=True, type=click.Path(),
+              help="Run folder (config, checkpoints, logs).")
 @click.option("--preset", "preset_name", type=click.Choice(PRESETS), default="cpu", show_default=True)
-@click.option("--steps", type=int, default=None, help="Override the preset's number of steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the preset's number of steps.")
 @click.option("--resume", is_flag=True, help="Continue a run from its last checkpoints and saved config.")
 @click.option("--modality", default="t2", show_default=True, help="File suffix of BraTS-style folders.")
 @click.option("--lesion-margin", type=int, default=None,
@@ -40,7 +41,7 @@ def _init_distributed() -> None:
               help="With --lesion-margin: also train on the mirrored lesion-free half of slices whose lesion is "
                    "one-sided (mimood.data.slices).")
 @click.option("--source-weights", default=None,
-              help="Share of the training batches of each --data source, comma-separated in --data order "
+              help="Share of the training batches of each -i/--input source, comma-separated in -i order "
                    "(default: equal shares), e.g. 1,1.")
 @click.option("--token-aug", is_flag=True,
               help="The token models also see intensity-augmented slices (robustness to other scanners).")
@@ -49,14 +50,18 @@ def _init_distributed() -> None:
                    "reference scans of the [0,1] scan score (z-score and percentile need >= 20 references).")
 @click.option("--bf16", is_flag=True, help="CPU bfloat16 autocast (faster on CPUs with AVX-512 bf16).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@common(cpu=True)
+@renamed("--data", "-i/--input", "data", multiple=True, type=click.Path(exists=True))
+@renamed("--run", "-o/--output", "run", type=click.Path())
+@renamed("--run-dir", "-o/--output", "run", type=click.Path())
 @friendly_errors
 def main(what, data, run, preset_name, steps, resume, modality, lesion_margin, hemispheres, source_weights,
-         token_aug, reference, bf16, seed, quiet):
+         token_aug, reference, bf16, seed, device, quiet):
     """Train the VQ-VAE, the MVTM, the ATD and the AR baseline on healthy scans, then fit the OOD scan score
     (`all`); `dae` and `atd_paper` train the comparison baselines of mimood-eval on the same slices."""
     from mimood.train.recipes import train
 
+    cpu_only(device, "mimood-train")
     _init_distributed()
     cfg = preset(preset_name)
     cfg.seed = seed

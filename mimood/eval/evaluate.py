@@ -103,7 +103,7 @@ def evaluate(run: str | Path, data: str | Path, cfg: RestoreConfig | None = None
     run, data = Path(run), Path(data)
     methods = available_methods(run) if methods is None else tuple(methods)
     if "token_critic" in methods and "token_critic" not in available_methods(run):
-        raise ValueError(f"{run}: token_critic needs a trained critic (mimood-eval --run {run} --train-critic)")
+        raise ValueError(f"{run}: token_critic needs a trained critic (mimood-eval -m {run} --train-critic)")
     run_cfg = RunConfig.load(run / "config.json")
     cfg = cfg or run_cfg.restore
     data_cfg = run_cfg.data

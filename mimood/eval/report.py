@@ -106,7 +106,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, modality: str 
         result.setdefault("token", {}).update(table["token"])
         result["ood"] = {k: table[k] for k in ("counts", "aggregation", "scan_score")}
     elif ood:
-        say(f"\n(no scan-level OOD table: {run} has no {OOD_FILE}; run `mimood-train ood --run {run}`)")
+        say(f"\n(no scan-level OOD table: {run} has no {OOD_FILE}; run `mimood-train ood -o {run}`)")
     report.result, report.text = result, "\n\n".join(texts)
     if json_path is not None:
         with atomic_write(json_path) as tmp:

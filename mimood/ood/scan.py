@@ -332,5 +332,5 @@ class OODScorer:
         ref = np.asarray(m["reference"][m["scan_score"]], dtype=np.float64)
         return {"file": OOD_FILE, "scan_score": m["scan_score"], "pass_type": m["pass_type"],
                 "aggregation": m["aggregation"], "mvtm_sha256": m["mvtm_sha256"],
-                "reference": {"n": int(ref.size), "mean": float(ref.mean()) if ref.size else math.nan,
-                              "std": float(ref.std(ddof=1)) if ref.size >= 2 else math.nan}}
+                "reference": {"n": int(ref.size), "mean": float(ref.mean()) if ref.size else None,   # None: JSON
+                              "std": float(ref.std(ddof=1)) if ref.size >= 2 else None}}           # has no NaN

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mimood.config import DataConfig, RestoreConfig, from_dict
@@ -27,6 +27,7 @@ class Bundle:
     folder: Path
     manifest: Manifest
     sha256: str                  # of manifest.json (it holds every graph's hash): the export's identity
+    warnings: list[str] = field(default_factory=list)   # usable, but the user should know (one line each)
 
     @classmethod
     def open(cls, folder: str | Path) -> "Bundle":
@@ -51,7 +52,7 @@ class Bundle:
                 raise InputError(folder / g["file"], f"graph I/O {got} does not match the loop contract {io} "
                                                      f"for batch {manifest.batch}, R {manifest.R}")
         sha = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
-        return cls(folder, manifest, sha)
+        return cls(folder, manifest, sha, version_warnings(folder, manifest))
 
     def graph(self, name: str, precision: str) -> Path:
         """The ONNX file of loop step `name` at `precision`. An fp16 export may keep a step in fp32 only (the
@@ -106,6 +107,18 @@ class Bundle:
 
     def data_config(self) -> DataConfig:
         return from_dict(DataConfig, self.manifest.data)
+
+
+def version_warnings(folder: Path, manifest: Manifest) -> list[str]:
+    """A line when the export was written by another mimood version than the one running (graphs and manifest
+    are checked, so it runs; but preprocessing or scoring may have changed between the versions)."""
+    from mimood import __version__
+
+    written = manifest.versions.get("mimood", "unknown")
+    if written == __version__:
+        return []
+    return [f"{folder}: exported by mimood {written}, running mimood {__version__}: results may differ from "
+            f"that version's (re-export the run with this version to be sure)"]
 
 
 def _base(key: str) -> str:

@@ -24,8 +24,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from nibabel.orientations import io_orientation
-from scipy import ndimage
 
 MIN_COMPONENT_ML = 0.5     # components smaller than this are dropped (module docstring)
 CONNECTIVITY = 3           # scipy.ndimage.generate_binary_structure(3, c): 1 = 6, 2 = 18, 3 = 26 neighbours
@@ -54,6 +52,8 @@ def voxel_ml(affine: np.ndarray) -> float:
 def superior_axis(affine: np.ndarray) -> tuple[int, bool]:
     """(the voxel axis closest to superior-inferior, whether its index grows toward superior), from nibabel's
     orientation of the axes (the same rule that reorients a volume to RAS in mimood.data.preprocess)."""
+    from nibabel.orientations import io_orientation   # here, not at the top: mimood-infer --help stays light
+
     ornt = io_orientation(np.asarray(affine, dtype=np.float64))            # [3, 2]: (RAS axis, +-1) per voxel axis
     axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
     return axis, bool(ornt[axis, 1] > 0)
@@ -63,6 +63,8 @@ def label_components(mask: np.ndarray, ml_per_voxel: float, min_ml: float = MIN_
                      connectivity: int = CONNECTIVITY) -> tuple[np.ndarray, np.ndarray, int, float]:
     """Components of bool mask [X, Y, Z] of at least min_ml: (labels int32 [X, Y, Z], 0 = none and 1..n by
     decreasing size (ties: first in scan order), voxel counts [n], removed count, removed ml)."""
+    from scipy import ndimage                          # here, not at the top: mimood-infer --help stays light
+
     structure = ndimage.generate_binary_structure(3, connectivity)
     labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=structure)
     if n == 0:

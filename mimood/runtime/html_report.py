@@ -42,7 +42,7 @@ VIEWER_MAX_MB = 32.0           # scans whose viewer data would be larger get no 
 # (column, head, unit): shown when some row has it; the scan score first and the default sort
 COLUMNS = [("scan_score", "scan score", ""), ("raw_score", "raw score", ""), ("map_score", "map score", ""),
            ("components", "components", ""), ("largest_ml", "largest", "ml"), ("flagged_ml", "flagged", "ml"),
-           ("anomalous_ml", "anomalous", "ml"), ("largest_slices", "largest: slices", ""),
+           ("largest_slices", "largest: slices", ""),
            ("largest_centroid", "largest: centre R, A, S", "mm"), ("seconds", "time", "s")]
 
 

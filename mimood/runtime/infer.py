@@ -11,21 +11,22 @@ last slice is restored.
 
 Scan score: with an export that has OOD statistics (manifest.extra.ood), each batch's input tokens and the
 engine's encoding of its left-right mirrored slices (the `mirror` score) go through the MVTM features computed
-in onnxruntime from the export's feature graph (mimood.runtime.ood, the same on every backend); report.csv's
-scan_score is then the chosen OOD score, and map_score the anomaly-map score (`outputs`). provenance.json
-records each scan's OOD score against the healthy reference scans of the fit (z, percentile).
+in onnxruntime from the export's feature graph (mimood.runtime.ood, the same on every backend); the raw scan
+score is then the chosen OOD score, else the anomaly-map score (`outputs`). report.csv's scan_score is the raw
+score calibrated to [0, 1] against the export's healthy reference scans (mimood.runtime.reference; empty without
+one); provenance.json records it with the z-score and percentile (given with at least 20 reference scans).
 
-Output files (`outputs`) and, per run or per part:
+What is written, in the `files` or the `mood` format, and when `--continue` counts a scan as finished:
+mimood.runtime.writer. Per run or per part, beside the maps (files) or in `report_dir` (mood):
     report.csv / report.part<I>of<N>.csv         one row per scan, rewritten atomically after each scan
+    report.columns.json                          every column with its unit
     provenance.json / provenance.part<I>of<N>.json   arguments, versions, export identity, backend, times,
-                                                     per-scan geometry
+                                                     per-scan geometry and score
+    index.html                                   every scan of every part found there, with the viewer
 `--part I/N` takes the cases i (0-based, in discovery order: sorted by path) with i % N == I - 1 and writes its
 own report and provenance, so N machines can share one output folder without ever writing the same file;
-concatenate the part reports afterwards (`report.part*of<N>.csv`, one header each).
-
-`resume` (`--continue`): a scan is finished, and skipped, when this part's report lists it as ok and its map,
-png and (with a threshold) mask exist; every other scan is redone. Outputs made with another export (the
-manifest's hash in the previous provenance differs) are refused rather than mixed.
+concatenate the part reports afterwards (`report.part*of<N>.csv`, one header each); index.html lists the parts
+found when a part finishes (`writer.write_folder_index` rebuilds it).
 """
 from __future__ import annotations
 
@@ -46,12 +47,13 @@ from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import SliceParts
 from mimood.runtime.batching import Batch, Packer, infer_slices, restore_batch
 from mimood.runtime.bundle import BACKENDS, PRECISIONS, Bundle
+from mimood.runtime.components import MIN_COMPONENT_ML
 from mimood.runtime.ood import OODRuntime
-from mimood.runtime.outputs import (Row, geometry_summary, output_paths, read_report, write_json, write_report,
-                                    write_scan)
+from mimood.runtime.outputs import Row, geometry_summary, output_paths
 from mimood.runtime.overlay import NO_MATPLOTLIB, overlay_available
 from mimood.runtime.safety import (ErrorLog, check_out, check_unique_outputs, is_disk_error, prepare_out, read_scan,
                                    stop_for_disk, writing)
+from mimood.runtime.writer import RunWriter, healthy_reference, reference_note
 
 __all__ = ["BACKENDS", "InferJob", "Report", "ScanState", "infer_folder", "infer_slices", "load_engine",
            "pick_backend"]
@@ -116,6 +118,7 @@ class Report:
     provenance: Path
     backend: str                     # engine detail
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)     # --format mood: what the folder check found
 
     @property
     def failures(self) -> list[Row]:
@@ -138,10 +141,14 @@ class ScanState:
 
 def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, backend: str = "auto",
                  precision: str = "fp32", resume: bool = False, part: tuple[int, int] = (1, 1),
-                 progress: bool = True, modality: str | None = None, seed: int = 0, skull: str = "warn") -> Report:
-    """Anomaly maps, masks and overlays for every volume under `input` (see the module docstring)."""
-    return InferJob(input, out, export_dir, backend, precision, resume, part, progress, modality, seed,
-                    skull).run()
+                 progress: bool = True, modality: str | None = None, seed: int = 0, skull: str = "warn",
+                 fmt: str = "files", report_dir: str | Path | None = None,
+                 min_component_ml: float = MIN_COMPONENT_ML, radiological: bool = True, viewer: bool = True,
+                 device: str | None = None) -> Report:
+    """Anomaly maps, masks, overlays and the report for every volume under `input` (see the module docstring;
+    fmt "files" or "mood", report_dir for mood: mimood.runtime.writer)."""
+    return InferJob(input, out, export_dir, backend, precision, resume, part, progress, modality, seed, skull,
+                    fmt, report_dir, min_component_ml, radiological, viewer, device).run()
 
 
 class InferJob:
@@ -161,29 +168,46 @@ class InferJob:
 
     def __init__(self, input: str | Path, out: str | Path, export_dir: str | Path, backend: str = "auto",
                  precision: str = "fp32", resume: bool = False, part: tuple[int, int] = (1, 1),
-                 progress: bool = True, modality: str | None = None, seed: int = 0, skull: str = "warn"):
+                 progress: bool = True, modality: str | None = None, seed: int = 0, skull: str = "warn",
+                 fmt: str = "files", report_dir: str | Path | None = None,
+                 min_component_ml: float = MIN_COMPONENT_ML, radiological: bool = True, viewer: bool = True,
+                 device: str | None = None):
         self.started = _now()
         I, N = part
         if not (N >= 1 and 1 <= I <= N):
             raise ValueError(f"--part {I}/{N}: need 1 <= I <= N")
         self.input, self.out = Path(input), Path(out)
         self.backend, self.precision, self.resume, self.part = backend, precision, resume, (I, N)
-        self.progress, self.seed, self.skull = progress, seed, skull
+        self.progress, self.seed, self.skull, self.device = progress, seed, skull, device
         check_out(self.out)
+        if report_dir is not None:
+            check_out(Path(report_dir))
         self.bundle = Bundle.open(export_dir)
         self.data_cfg = self.bundle.data_config()
         if modality:
             self.data_cfg.modality = modality
         cases = discover(self.input, modality=self.data_cfg.modality)
         _check_out(self.input, self.out, cases)
+        if report_dir is not None:
+            _check_out(self.input, Path(report_dir), cases)
+        self.all_cases = cases
         self.cases = [c for i, c in enumerate(cases) if i % N == I - 1]
-        tag = "" if N == 1 else f".part{I}of{N}"
-        self.report_path, self.prov_path = self.out / f"report{tag}.csv", self.out / f"provenance{tag}.json"
-        self.errors = ErrorLog(self.out / f"errors{tag}.log")
-        check_unique_outputs({str(c.image): output_paths(self.out, c.name, c.image).values() for c in cases},
-                             own=[self.report_path, self.prov_path, self.errors.path])
         self.threshold = self.bundle.manifest.threshold
         self.png = overlay_available()
+        info = self.bundle.manifest.extra.ood
+        self.ood = OODRuntime.open(self.bundle.folder, info) if info is not None else None
+        self.score_name = "map" if self.ood is None else f"ood.{self.ood.score_name}"
+        self.reference = healthy_reference(self.score_name, None if self.ood is None else
+                                           self.ood.scorer.meta.get("reference"), self.bundle.manifest.extra.reference)
+        self.writer = RunWriter(self.out, fmt, report_dir, self.threshold, self.reference, min_component_ml,
+                                self.png, viewer, radiological, "" if N == 1 else f".part{I}of{N}")
+        self.writer.check(self.input, cases)
+        self.report_path, self.prov_path = self.writer.report_path, self.writer.prov_path
+        logs = self.writer.reports if self.writer.reports is not None else self.out    # only made when needed
+        self.errors = ErrorLog(logs / f"errors{'' if N == 1 else f'.part{I}of{N}'}.log")
+        if fmt == "files":                   # (mood: RunWriter.check refuses two inputs with one file name)
+            check_unique_outputs({str(c.image): output_paths(self.out, c.name, c.image).values() for c in cases},
+                                 own=[p for p in (self.report_path, self.prov_path, self.errors.path) if p])
         self.notes: list[str] = []
         self.rows: dict[int, Row] = {}               # case key -> its report row (finished or failed)
         self.scans: dict[str, dict] = {}             # input file -> geometry summary (+ OOD report)
@@ -200,34 +224,40 @@ class InferJob:
         if swept:
             self.say(f"removed {len(swept)} temporary files left by killed runs: "
                      + ", ".join(p.name for p in swept[:3]) + (", ..." if len(swept) > 3 else ""))
+        for w in self.bundle.warnings:
+            self.say(f"warning: {w}")
         if self.threshold is None:
-            self.say("the export has no calibrated threshold: no masks written, anomalous volume left empty")
-        if not self.png:
+            self.say("the export has no calibrated threshold: no masks written, flagged volume left empty")
+        if not self.png and self.writer.reports is not None:
             self.say(NO_MATPLOTLIB)
+        if self.ood is None:
+            self.say("the export has no OOD statistics: the raw scan score is the anomaly-map score")
+        note = reference_note(self.reference, self.score_name)
+        if note:
+            self.say(note)
         if self.resume:
-            self.rows, self.scans = _finished(self.cases, self.out, self.report_path, self.prov_path,
-                                              self.bundle.sha256, self.threshold is not None, self.png)
+            self.rows, self.scans = self.writer.finished(self.cases, self.bundle.sha256)
             if self.rows:
                 self.say(f"--continue: {len(self.rows)} finished scans skipped")
-        self.engine = load_engine(self.bundle, self.backend, self.precision)
+        self.engine = load_engine(self.bundle, self.backend, self.precision, self.device)
         self.cfg = self.bundle.restore_config()
         self.say(f"backend: {self.engine.detail} ({self.engine.reason})")
-        info = self.bundle.manifest.extra.ood
-        self.ood = OODRuntime.open(self.bundle.folder, info) if info is not None else None
-        if self.ood is None:
-            self.say("the export has no OOD statistics: the scan score is the anomaly-map score")
         m = self.bundle.manifest
-        self.prov = {"argv": sys.argv, "input": str(self.input), "out": str(self.out),
-                     "export": str(self.bundle.folder), "backend": self.backend, "precision": self.precision, "part": list(self.part),
-                     "resume": self.resume, "seed": self.seed, "modality": self.data_cfg.modality,
+        w = self.writer
+        self.prov = {"argv": sys.argv, "input": str(self.input), "out": str(self.out), "format": w.fmt,
+                     "report_dir": None if w.reports is None else str(w.reports),
+                     "export": str(self.bundle.folder), "backend": self.backend, "precision": self.precision,
+                     "part": list(self.part), "resume": self.resume, "seed": self.seed,
+                     "modality": self.data_cfg.modality, "min_component_ml": w.min_ml,
                      "backend_used": self.engine.detail, "backend_reason": self.engine.reason,
                      "manifest_sha256": self.bundle.sha256,
                      "manifest": {k: getattr(m, k) for k in ("preset", "batch", "R", "T", "lam", "threshold",
                                                              "scan_score", "created", "versions")},
+                     "reference": None if self.reference is None else self.reference.summary(),
                      "versions": current_versions(), "started": self.started, "finished": None,
                      "notes": self.notes, "scans": self.scans}
-        with writing(self.prov_path, "write the provenance"):
-            write_json(self.prov_path, self.prov)
+        w.start()
+        self._save_provenance()
 
         todo = [(k, c) for k, c in enumerate(self.cases) if k not in self.rows]
         self.scan_bar = tqdm(total=len(todo), desc="scans", unit="scan", disable=not self.progress, position=0)
@@ -250,11 +280,13 @@ class InferJob:
             self.scan_bar.close()
 
         self._save_report()
+        rows = [self.rows[k] for k in sorted(self.rows)]
+        problems = self.writer.close(rows, self.notes, self.all_cases)
+        for p in problems:
+            self.say(f"MOOD check: {p}")
         self.prov["finished"] = _now()
-        with writing(self.prov_path, "write the provenance"):
-            write_json(self.prov_path, self.prov)
-        return Report([self.rows[k] for k in sorted(self.rows)], self.report_path, self.prov_path,
-                      self.engine.detail, self.notes)
+        self._save_provenance()
+        return Report(rows, self.report_path, self.prov_path, self.engine.detail, self.notes, problems)
 
     def _read(self, key: int, case: Case) -> ScanState | None:
         """Read and preprocess one case (None, and a failed row, when it cannot be read)."""
@@ -315,42 +347,47 @@ class InferJob:
         t0 = time.perf_counter()
         case = scan.case
         try:
-            paths = output_paths(self.out, case.name, case.image)
-            map_score, ml = write_scan(paths, case.name, scan.slices, scan.maps, self.threshold)
             ood_report = None
             if self.ood is not None:
                 order = np.argsort(np.concatenate([i for i, _ in scan.ood]), kind="stable")
                 ood_report = self.ood.score(SliceParts.cat([p for _, p in scan.ood]).take(order))
+            raw = None if ood_report is None else ood_report["value"]
+            row = self.writer.write(case, scan.slices, scan.maps, raw, self.score_name, self.engine.detail,
+                                    scan.seconds)
         except Exception as e:               # any error is this scan's row (safety.ErrorLog), never the run's
             return self._fail(scan.key, case, e, scan.seconds + time.perf_counter() - t0)
-        seconds = scan.seconds + time.perf_counter() - t0
-        score, name = ((map_score, "map") if ood_report is None
-                       else (ood_report["value"], f"ood.{self.ood.score_name}"))
-        self.rows[scan.key] = Row(str(case.image), "ok", "", round(score, 6), name, round(map_score, 6),
-                                  None if ml is None else round(ml, 6), len(scan.slices.index), round(seconds, 3),
-                                  self.engine.detail, "; ".join(scan.warnings))
+        row.seconds = round(scan.seconds + time.perf_counter() - t0, 3)
+        row.warnings = "; ".join(scan.warnings)
+        self.rows[scan.key] = row
         self.scans[str(case.image)] = geometry_summary(scan.slices)
-        if ood_report is not None:
-            self.scans[str(case.image)]["ood"] = ood_report
+        if self.reference is not None:
+            self.scans[str(case.image)]["score"] = self.reference.report(row.raw_score)
+        if ood_report is not None:               # its z and percentile are "score"'s, given with >= 20 references
+            self.scans[str(case.image)]["ood"] = {k: ood_report[k] for k in ("score", "value")}
         self._save_report()
         self.scan_bar.update()
 
     def _fail(self, key: int, case: Case, error: Exception, seconds: float) -> None:
         """The scan's failed row (its one-line error: safety.ErrorLog); a failing output disk stops the run."""
         message = self.errors.describe(error, case.image)
-        self.rows[key] = Row(str(case.image), "failed", message, slices=0, seconds=round(seconds, 3),
-                             backend=self.engine.detail)
+        self.rows[key] = self.writer.failed(case, message, round(seconds, 3), self.engine.detail)
         if self.progress:
             self.scan_bar.write(f"failed: {message}", file=sys.stderr)
         self._save_report()
         self.scan_bar.update()
         if is_disk_error(error):
-            raise stop_for_disk(error, case.image, self.out, self.report_path, len(self.rows))
+            raise stop_for_disk(error, case.image, self.out, self.report_path or self.out, len(self.rows))
 
     def _save_report(self) -> None:
         """report.csv rewritten atomically: on a full disk the last complete one stays (an OutputError)."""
-        with writing(self.report_path, "write the report", "; the last complete report is kept"):
-            write_report(self.report_path, [self.rows[k] for k in sorted(self.rows)])
+        if self.report_path is not None:
+            with writing(self.report_path, "write the report", "; the last complete report is kept"):
+                self.writer.save_report([self.rows[k] for k in sorted(self.rows)])
+
+    def _save_provenance(self) -> None:
+        if self.prov_path is not None:
+            with writing(self.prov_path, "write the provenance"):
+                self.writer.save_provenance(self.prov)
 
 
 def _check_out(input: Path, out: Path, cases: list[Case]) -> None:
@@ -359,32 +396,6 @@ def _check_out(input: Path, out: Path, cases: list[Case]) -> None:
     folders = {c.image.parent.resolve() for c in cases} | ({input.resolve()} if input.is_dir() else set())
     if any(o == f or f in o.parents for f in folders):
         raise InputError(out, "the output folder must lie outside the input folder")
-
-
-def _finished(cases: list[Case], out: Path, report_path: Path, prov_path: Path, sha: str, with_mask: bool,
-              with_png: bool = True) -> tuple[dict[int, Row], dict[str, dict]]:
-    """The rows (by case index) and geometry summaries of scans a previous run finished (module docstring)."""
-    import json
-
-    try:
-        old = json.loads(prov_path.read_text())
-    except (OSError, ValueError):
-        old = None
-    if isinstance(old, dict) and old.get("manifest_sha256") not in (None, sha):
-        raise InputError(out, "was written with another export (manifest hash differs); "
-                              "drop --continue or choose another --out")
-    previous = {r.file: r for r in read_report(report_path) if r.status == "ok"}
-    info = old.get("scans", {}) if isinstance(old, dict) else {}
-    rows, scans = {}, {}
-    for k, c in enumerate(cases):
-        row = previous.get(str(c.image))
-        paths = output_paths(out, c.name, c.image)
-        needed = [paths["map"]] + ([paths["png"]] if with_png else []) + ([paths["mask"]] if with_mask else [])
-        if row is not None and all(p.is_file() for p in needed):
-            rows[k] = row
-            if str(c.image) in info:
-                scans[str(c.image)] = info[str(c.image)]
-    return rows, scans
 
 
 def _now() -> str:

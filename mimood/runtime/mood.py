@@ -40,14 +40,17 @@ def write_mood_scan(out: str | Path, image: str | Path, map_volume: nib.Nifti1Im
     data = np.clip(np.asarray(map_volume.dataobj, dtype=np.float32), 0.0, 1.0)
     save_nifti(data, map_volume.affine, map_volume, map_path)
     with atomic_write(score_path) as tmp:
-        tmp.write_text(f"{float(score):.6f}\n")
+        tmp.write_text(f"{float(score)!r}\n")             # every digit: near 1, order is all AP sees
 
 
-def check_mood_folder(out: str | Path, images: list[str | Path]) -> list[str]:
+def check_mood_folder(out: str | Path, images: list[str | Path], allowed: list[str | Path] = ()) -> list[str]:
     """Problems that would make the MOOD evaluator read `out` differently from what mimood meant, one line each
-    ([] when the folder holds exactly a map and a score for every input, both valid, and nothing else)."""
+    ([] when the folder holds exactly a map and a score for every input, both valid, and nothing else). `allowed`:
+    further inputs whose files may be there but are not checked (the other parts of a --part run); temporaries of
+    the atomic writer in flight (`.<name>.tmp-...`) are not counted as extra files."""
     out = Path(out)
-    problems, expected = [], set()
+    problems = []
+    expected = {p.name for image in allowed for p in mood_paths(out, image)}
     for image in images:
         map_path, score_path = mood_paths(out, image)
         expected |= {map_path.name, score_path.name}
@@ -77,6 +80,8 @@ def check_mood_folder(out: str | Path, images: list[str | Path]) -> list[str]:
             else:
                 if not 0.0 <= value <= 1.0:
                     problems.append(f"{score_path}: {value} is outside [0, 1]")
-    for extra in sorted(p.name for p in out.iterdir() if p.name not in expected) if out.is_dir() else []:
+    in_flight = (lambda name: name.startswith(".") and ".tmp-" in name) if allowed else (lambda name: False)
+    for extra in sorted(p.name for p in out.iterdir() if p.name not in expected and not in_flight(p.name)
+                        ) if out.is_dir() else []:
         problems.append(f"{out / extra}: not part of the MOOD convention (only <name> and <name>.txt)")
     return problems

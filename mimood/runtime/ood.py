@@ -24,6 +24,7 @@ import numpy as np
 from mimood.contract import OODRecord
 from mimood.errors import InputError
 from mimood.ood.scan import OODScorer, SliceParts, brain_share
+from mimood.runtime.threads import session_options
 
 CPU = "CPUExecutionProvider"
 
@@ -43,7 +44,7 @@ class OODRuntime:
         folder = Path(folder)
         graph, stats = folder / info.graph.file, folder / info.stats.file
         try:
-            session = ort.InferenceSession(str(graph), providers=providers or [CPU])
+            session = ort.InferenceSession(str(graph), session_options(ort), providers=providers or [CPU])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise InputError(graph, f"onnxruntime cannot load the OOD feature graph: {e}") from None
         scorer = OODScorer.load(stats)

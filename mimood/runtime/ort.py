@@ -22,6 +22,7 @@ import numpy as np
 from mimood.contract import GRAPHS
 from mimood.errors import InputError
 from mimood.runtime.bundle import Bundle
+from mimood.runtime.threads import session_options
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -45,7 +46,7 @@ class OrtEngine:
         self.name, self.manifest, self.precision = "ort", bundle.manifest, precision
         self.R, self.batch = bundle.manifest.R, bundle.manifest.batch
         providers = ort_providers(device)
-        options = ort.SessionOptions()
+        options = session_options(ort)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.sessions, fused = {}, []
         for step in GRAPHS:

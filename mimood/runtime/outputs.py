@@ -1,10 +1,13 @@
-"""What `mimood-infer` writes for a scan, and the folder-level report and provenance.
+"""What `mimood-infer` writes for a scan, and the folder-level report (report.csv and its column sidecar).
 
 Per scan `<name>` (the input file name without .nii[.gz]), every file written atomically (temporary name,
 renamed when complete, so a killed run leaves no half-written file):
     <name>.nii[.gz]      float32 anomaly map on the input's grid, with its affine and header
-    <name>_mask.nii.gz   uint8 mask: map > the manifest's calibrated threshold (not written without one)
-    <name>.png           the most anomalous axial slices: input in grey, map as a heat overlay, mask contour
+    <name>_mask.nii.gz   uint8 mask: map > the manifest's calibrated threshold, after the connected-component
+                         filter (mimood.runtime.components: components under --min-component-ml are dropped);
+                         not written without a threshold
+    <name>.png           the overlay (mimood.runtime.overlay)
+    viewer/<name>.js     the scan and the map for index.html's viewer (mimood.runtime.html_report)
 
 The map's values lie in [0, 1]: the smoothed |restoration - input| of slices scaled to [0, 1] (mimood.restore), put
 back on the input grid by linear interpolation (which stays inside [0, 1]); 0 outside the brain and on slices that
@@ -13,18 +16,24 @@ were not restored. Its header says so (`map_header`): descrip "mimood <version> 
 PNG's colour bar: a viewer that hides an overlay below cal_min, as NiiVue and MRIcroGL do, shows the flagged voxels
 only, graded), or [0, 1] without a threshold. The mask's descrip names the threshold; its window is [0, 1].
 
-report.csv's scan score: the export's OOD score (`manifest.scan_score`, e.g. "vim": MVTM-feature scores fitted on
-healthy scans, mimood.ood.runtime) when it has one; else the anomaly-map score. The anomaly-map score is always
-its own column `map_score`: the mean of the top 1% of anomaly-map values inside the brain, over the processed
-slices at 1 mm (slice space, so scans of any voxel size are scored on the same grid). `score_name` says which
-score `scan_score` is: "ood.<name>" or "map".
+report.csv, one row per scan (`Row`; report.columns.json describes every column with its unit, `columns_sidecar`):
+    scan_score      the calibrated scan score in [0, 1]: the raw score against the export's healthy reference
+                    scans (mimood.runtime.reference); empty when the export has no reference for the raw score
+    raw_score       the raw scan score: the export's OOD score (`manifest.scan_score`, e.g. "mirror": MVTM-feature
+                    scores fitted on healthy scans, mimood.runtime.ood) when it has one, else the map score
+    score_name      which score raw_score is: "ood.<name>" or "map"
+    reference_scans how many healthy reference scans calibrate it
+    map_score       always: the mean of the top 1% of anomaly-map values inside the brain, over the processed slices
+                    at 1 mm (slice space, so scans of any voxel size are scored on the same grid)
+    components ... min_component_ml   the lesion statistics of the filtered mask (components.STAT_COLUMNS)
+    slices, seconds, backend
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -33,25 +42,64 @@ import numpy as np
 from mimood import __version__
 from mimood.data.io import atomic_write, save_nifti
 from mimood.data.preprocess import Slices, to_volume
+from mimood.runtime.components import MIN_COMPONENT_ML, STAT_COLUMNS, LesionStats, lesion_stats
+from mimood.runtime.reference import SCORE_COLUMNS
 
 SCORE_TOP_SHARE = 0.01       # scan score: mean of the top 1% of in-brain map values
-OVERLAY_SLICES = 4           # slices shown in the PNG
+SIDECAR = "report.columns.json"
 
 
 @dataclass
 class Row:
-    """One line of report.csv."""
+    """One line of report.csv (module docstring); `stats` spreads into the component columns."""
     file: str                      # the input file
     status: str                    # "ok" or "failed"
+    name: str = ""                 # the scan's output name: <name>.nii.gz, <name>.png (the file name without .nii[.gz])
     error: str = ""                # one line when failed
-    scan_score: float | None = None     # the OOD score when the export has one, else = map_score
+    scan_score: float | None = None     # calibrated, in [0, 1]; None without a healthy reference
+    raw_score: float | None = None      # the OOD score when the export has one, else = map_score
     score_name: str = ""                # "ood.<name>" or "map"
+    reference_scans: int | None = None  # healthy reference scans behind scan_score
     map_score: float | None = None      # top-1% mean of the anomaly map inside the brain
-    anomalous_ml: float | None = None   # mask voxels x voxel volume (empty without a threshold)
+    stats: LesionStats | None = None    # the filtered mask's components (None without a threshold)
     slices: int = 0                # slices restored
     seconds: float = 0.0           # preprocessing + this scan's share of the batches + writing
     backend: str = ""              # engine detail, e.g. "ort fp32 CPUExecutionProvider"
     warnings: str = ""             # what the reader warned about ("; "-joined), e.g. not skull-stripped
+
+    def record(self) -> dict:
+        """The row as report.csv's columns (COLUMNS order; None where empty)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stats"}
+        stats = self.stats.row() if self.stats is not None else dict.fromkeys(STATS)
+        return {c: stats[c] if c in stats else d[c] for c in COLUMNS}
+
+    @classmethod
+    def from_record(cls, d: dict[str, str]) -> "Row":
+        """A row read back from report.csv (strings; "" = empty)."""
+        kw = {f.name: _parse(f.type, d.get(f.name, "")) for f in fields(cls) if f.name != "stats"}   # warnings: later
+        stats = None
+        if d["components"] != "":
+            stats = LesionStats(**{f.name: _parse(f.type, d[f.name]) for f in fields(LesionStats)})
+        return cls(**kw, stats=stats)
+
+
+STATS = [f.name for f in fields(LesionStats)]
+COLUMNS = ["file", "name", "status", "error", "scan_score", "raw_score", "score_name", "reference_scans", "map_score",
+           *STATS, "slices", "seconds", "backend", "warnings"]
+assert sorted(COLUMNS) == sorted([f.name for f in fields(Row) if f.name != "stats"] + STATS)
+
+
+def _parse(kind: str, text: str):
+    """A report.csv cell back to its field's type (annotation strings: from __future__ import annotations)."""
+    if text == "":
+        if "None" in kind:
+            return None
+        return "" if kind == "str" else {"int": 0, "float": 0.0}[kind]
+    if kind.startswith("int"):
+        return int(float(text))
+    if kind.startswith("float"):
+        return float(text)
+    return text
 
 
 def scan_score(maps: np.ndarray, brain: np.ndarray) -> float:
@@ -63,9 +111,10 @@ def scan_score(maps: np.ndarray, brain: np.ndarray) -> float:
 
 
 def output_paths(out: Path, name: str, image: Path) -> dict[str, Path]:
-    """The files written for a case: map (with the input's own suffix), mask and png."""
+    """The files written for a case: map (with the input's own suffix), mask, png and viewer data."""
     suffix = ".nii.gz" if image.name.lower().endswith(".nii.gz") else ".nii"
-    return {"map": out / f"{name}{suffix}", "mask": out / f"{name}_mask.nii.gz", "png": out / f"{name}.png"}
+    return {"map": out / f"{name}{suffix}", "mask": out / f"{name}_mask.nii.gz", "png": out / f"{name}.png",
+            "viewer": out / "viewer" / f"{name}.js"}
 
 
 def map_header(vol: nib.Nifti1Image, threshold: float | None, score_name: str = "map",
@@ -86,77 +135,52 @@ def map_header(vol: nib.Nifti1Image, threshold: float | None, score_name: str = 
     return nib.Nifti1Image(vol.dataobj, vol.affine, header)
 
 
-def write_scan(paths: dict[str, Path], name: str, slices: Slices, maps: np.ndarray,
-               threshold: float | None, score_name: str = "map") -> tuple[float, float | None]:
-    """Write a scan's map, mask (when `threshold` is set) and overlay; returns (map score, anomalous ml).
-    `score_name`: the scan score's name for the map's descrip."""
-    score = scan_score(maps, slices.brain)
+@dataclass
+class ScanMaps:
+    """A restored scan on its input grid: the map (with its header), the filtered mask and their numbers."""
+    volume: nib.Nifti1Image        # float32 map [X, Y, Z] in [0, 1], header from map_header
+    mask: np.ndarray | None        # bool [X, Y, Z]: map > threshold after the component filter; None without one
+    map_score: float
+    stats: LesionStats | None      # the mask's components; None without a threshold
+    threshold: float | None
+
+
+def scan_maps(slices: Slices, maps: np.ndarray, threshold: float | None, score_name: str = "map",
+              min_ml: float = MIN_COMPONENT_ML) -> ScanMaps:
+    """Slice maps [S, H, W] -> the map on the input grid, its mask after the component filter (components of at
+    least min_ml, mimood.runtime.components) and the map score."""
     vol = to_volume(maps, slices.geometry)                                  # float32 on the input grid
     data = np.asarray(vol.dataobj, dtype=np.float32)                        # [X, Y, Z]
-    save_nifti(data, vol.affine, map_header(vol, threshold, score_name), paths["map"])
-    ml = None
+    mask = stats = None
     if threshold is not None:
-        mask = (data > threshold).astype(np.uint8)
-        save_nifti(mask, vol.affine, map_header(vol, threshold, mask=True), paths["mask"], dtype=np.uint8)
-        ml = float(mask.sum()) * abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
-    write_overlay(paths["png"], name, slices, maps, threshold, score)
-    return score, ml
+        mask, stats = lesion_stats(data > threshold, vol.affine, min_ml)
+    return ScanMaps(map_header(nib.Nifti1Image(data, vol.affine, vol.header), threshold, score_name), mask,
+                    scan_score(maps, slices.brain), stats, threshold)
 
 
-def overlay_slices(brain: np.ndarray, maps: np.ndarray, threshold: float | None, n: int = OVERLAY_SLICES
-                   ) -> np.ndarray:
-    """Indices of the n slices to show, in slice order: the largest flagged area inside the brain (the in-brain
-    map mass without a threshold), ties by the peak. Not the peak alone: the first and last slices of a brain,
-    a few pixels of partial volume, can peak higher than a lesion and would push it out of the picture."""
-    inside = np.where(brain, maps, 0)                                         # [S, H, W]
-    area = (inside > threshold).sum(axis=(1, 2)) if threshold is not None else inside.sum(axis=(1, 2))
-    order = np.lexsort((-inside.max(axis=(1, 2)), -area))                   # area first, then the peak
-    return np.sort(order[:n])
+def write_maps(paths: dict[str, Path], m: ScanMaps) -> None:
+    """Write a scan's map and (with a threshold) its filtered mask."""
+    save_nifti(np.asarray(m.volume.dataobj), m.volume.affine, m.volume, paths["map"])
+    if m.mask is not None:
+        save_nifti(m.mask.astype(np.uint8), m.volume.affine, map_header(m.volume, m.threshold, mask=True),
+                   paths["mask"], dtype=np.uint8)
 
 
-def write_overlay(path: Path, name: str, slices: Slices, maps: np.ndarray, threshold: float | None,
-                  score: float) -> None:
-    """PNG of the OVERLAY_SLICES most anomalous slices, in slice order (overlay_slices); nothing without
-    matplotlib (the runtime-only install; `infer_folder` says so once: runtime.overlay.NO_MATPLOTLIB)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_scan(paths: dict[str, Path], slices: Slices, maps: np.ndarray, threshold: float | None,
+               score_name: str = "map", min_ml: float = MIN_COMPONENT_ML) -> ScanMaps:
+    """`scan_maps` + `write_maps`: the map and the filtered mask of a scan, written; returns them."""
+    m = scan_maps(slices, maps, threshold, score_name, min_ml)
+    write_maps(paths, m)
+    return m
 
-    from mimood.runtime.overlay import missing_glyphs_quiet
-
-    pick = overlay_slices(slices.brain, maps, threshold)
-    vmax = max(float(maps.max()), 1e-6)
-    fig, axes = plt.subplots(1, len(pick), figsize=(2.8 * len(pick), 3.2), squeeze=False)
-    for ax, i in zip(axes[0], pick):
-        ax.imshow(slices.images[i], cmap="gray", vmin=0, vmax=1)
-        ax.imshow(maps[i], cmap="inferno", vmin=0, vmax=vmax,
-                  alpha=0.75 * np.clip(maps[i] / vmax, 0, 1))                # opaque where anomalous
-        if threshold is not None and (maps[i] > threshold).any():
-            ax.contour(maps[i] > threshold, levels=[0.5], colors="cyan", linewidths=0.8)
-        ax.set_title(f"slice {slices.index[i]}", fontsize=9)
-        ax.axis("off")
-    mask_note = "" if threshold is not None else " (no calibrated threshold: no mask)"
-    fig.suptitle(f"{name}: map score {score:.4f}{mask_note}", fontsize=10)
-    with missing_glyphs_quiet():                                              # the text is drawn here
-        fig.tight_layout()
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-
-
-COLUMNS = [f.name for f in fields(Row)]
 
 ROW_COLUMNS: dict[str, tuple[str, str]] = {            # column -> (unit, description), for the sidecar
     "file": ("path", "the input scan"),
+    "name": ("", "the scan's output name: <name>.nii.gz (the map), <name>_mask.nii.gz, <name>.png"),
     "status": ("", "ok or failed"),
     "error": ("", "why the scan failed, one line"),
-    "scan_score": ("", "the scan score: the OOD score when the export has one, else = map_score"),
-    "score_name": ("", "which score scan_score is: ood.<name> or map"),
+    "score_name": ("", "which score raw_score is: ood.<name> (the export's OOD score) or map (= map_score)"),
     "map_score": ("map value in [0, 1]", "mean of the top 1% of in-brain anomaly-map values, on the 1 mm slices"),
-    "anomalous_ml": ("ml", "mask voxels (map > threshold) x voxel volume, before any component filter"),
     "slices": ("count", "axial slices restored"),
     "seconds": ("s", "preprocessing + this scan's share of the batches + writing"),
     "backend": ("", "engine detail, e.g. ort fp32 CPUExecutionProvider"),
@@ -179,35 +203,34 @@ def describe_columns(columns: list[str], **extra: dict[str, tuple[str, str]]) ->
     return {"columns": [{"name": c, "unit": known[c][0], "description": known[c][1]} for c in columns]}
 
 
+def columns_sidecar() -> dict:
+    """report.columns.json: every column of report.csv with its unit (describe_columns of COLUMNS)."""
+    return describe_columns(COLUMNS, stats=STAT_COLUMNS, score=SCORE_COLUMNS)
+
+
 def write_report(path: Path, rows: list[Row]) -> None:
     """report.csv, rewritten whole (atomically) after each scan: it always lists every scan done so far."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
+        w.writerow({k: "" if v is None else v for k, v in r.record().items()})
     with atomic_write(path) as tmp:
         tmp.write_text(buf.getvalue())
 
 
 def read_report(path: Path) -> list[Row]:
-    """Rows of an existing report ([] when there is none or it is not one of ours)."""
+    """Rows of an existing report ([] when there is none or it is not one of ours, e.g. an older version's)."""
     try:
         with open(path, newline="") as f:
             records = list(csv.DictReader(f))
     except OSError:
         return []
-    if not records or set(records[0]) not in (set(COLUMNS), set(COLUMNS) - {"warnings"}):   # (before warnings)
+    if not records or list(records[0]) not in (COLUMNS, COLUMNS[:-1]):     # (before the warnings column)
         return []
-    def num(v: str) -> float | None:
-        return float(v) if v else None
-
     try:
-        return [Row(d["file"], d["status"], d["error"], num(d["scan_score"]), d["score_name"], num(d["map_score"]),
-                    num(d["anomalous_ml"]), int(d["slices"] or 0), float(d["seconds"] or 0), d["backend"],
-                    d.get("warnings", ""))
-                for d in records]
-    except (TypeError, ValueError):                 # a hand-edited or foreign file: start afresh
+        return [Row.from_record(d) for d in records]
+    except (TypeError, ValueError, KeyError):       # a hand-edited or foreign file: start afresh
         return []
 
 

@@ -166,13 +166,13 @@ def overlay_available() -> bool:
 
 def write_overlay(path: str | Path, name: str, slices: Slices, maps: np.ndarray, threshold: float | None,
                   score: float | None = None, score_name: str = "", radiological: bool = True, n: int = PANELS,
-                  min_ml: float = MIN_COMPONENT_ML) -> str:
+                  min_ml: float = MIN_COMPONENT_ML, calibrated: bool = True) -> str:
     """Write the overlay PNG (module docstring) atomically; '' when written, else the one-line reason
-    (NO_MATPLOTLIB)."""
+    (NO_MATPLOTLIB). calibrated=False: `score` is a raw score (no healthy reference), and the title says so."""
     if not overlay_available():
         return NO_MATPLOTLIB
     with missing_glyphs_quiet():
-        fig = overlay_figure(name, slices, maps, threshold, score, score_name, radiological, n, min_ml)
+        fig = overlay_figure(name, slices, maps, threshold, score, score_name, radiological, n, min_ml, calibrated)
         with atomic_write(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
     return ""
@@ -197,7 +197,7 @@ def display_window(maps: np.ndarray, brain: np.ndarray, threshold: float | None)
 
 def overlay_figure(name: str, slices: Slices, maps: np.ndarray, threshold: float | None, score: float | None = None,
                    score_name: str = "", radiological: bool = True, n: int = PANELS,
-                   min_ml: float = MIN_COMPONENT_ML):
+                   min_ml: float = MIN_COMPONENT_ML, calibrated: bool = True):
     """The matplotlib Figure of `write_overlay` (a bare Figure: no pyplot state, no window, nothing to close)."""
     import matplotlib
     from matplotlib.figure import Figure
@@ -239,8 +239,12 @@ def overlay_figure(name: str, slices: Slices, maps: np.ndarray, threshold: float
         cax.axhline(threshold, color="cyan", linewidth=2.5)
         bar.set_ticks([0, threshold, vmax], labels=["0", f"{threshold:.3g}\nthreshold", f"{vmax:.3g}"])
 
-    score_text = ("no scan score" if score is None else f"scan score {format_score(score)}"
-                  + (f" ({score_name})" if score_name else ""))
+    if score is None:
+        score_text = "no scan score"
+    elif calibrated:
+        score_text = f"scan score {format_score(score)}" + (f" ({score_name})" if score_name else "")
+    else:
+        score_text = f"raw {score_name or 'scan'} score {score:.4g} (no healthy reference: not in [0, 1])"
     fig.suptitle(f"{name}: {score_text}", fontsize=10, y=0.985)
     view = ("radiological view: patient's right on image left" if radiological
             else "neurological view: patient's left on image left")
