@@ -1,0 +1,37 @@
+"""The bundled model (mimood/assets/model) ships with the package: it loads, its manifest and hashes check out,
+it stays under 10 MB, and it maps a small volume without any training."""
+import nibabel as nib
+import numpy as np
+
+from mimood.contract import Manifest
+from mimood.runtime.bundle import Bundle
+from mimood.runtime.infer import infer_folder
+from mimood.runtime.model import BUNDLED, resolve_model
+from mimood.testing.fuzz import synthetic_scan
+
+
+def test_the_bundled_model_is_complete_small_and_calibrated():
+    files = [f for f in BUNDLED.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 10_000_000
+    assert (BUNDLED / "MODEL_CARD.md").read_text().count("Not for clinical use") == 1
+    m = Manifest.load(BUNDLED)
+    assert m.verify(BUNDLED) == [] and m.threshold is not None and 0 < m.lam < 1
+    assert m.scan_score and m.extra.ood is not None and m.extra.ood.reference["n"] >= 20   # z-scores allowed
+    lines = []
+    assert resolve_model(None, say=lines.append).export == BUNDLED and len(lines) == 1
+    Bundle.open(BUNDLED)
+
+
+def test_the_bundled_model_maps_a_small_volume(tmp_path, monkeypatch):
+    monkeypatch.delenv("MIMOOD_BUNDLED_MODEL", raising=False)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    img = synthetic_scan(shape=(80, 96, 8), seed=1)
+    nib.save(img, scans / "small.nii.gz")
+    report = infer_folder(scans, tmp_path / "maps", resolve_model(None).export, backend="ort", progress=False)
+    out = nib.load(tmp_path / "maps" / "small.nii.gz")
+    m = np.asarray(out.dataobj)
+    assert out.shape == img.shape and np.allclose(out.affine, img.affine)
+    assert np.isfinite(m).all() and 0 <= m.min() and m.max() <= 1 and m.max() > 0
+    assert (np.asarray(img.dataobj) == 0)[m > 0].sum() == 0          # nothing flagged outside the brain
+    assert report.path.exists()
