@@ -27,6 +27,8 @@ def _summary(check: dict) -> str:
               help="Export folder (replaced whole when complete).  [default: <run>/export]")
 @click.option("--fp16", is_flag=True, help="Also write half-precision graphs (LayerNorm, softmax, sampling, "
                                            "VQ search and the residual stay fp32).")
+@click.option("--int8", is_flag=True, help="Also write int8 copies of the ATD and MVTM step for --backend ort "
+                                           "--precision int8, used only where their maps pass the map check.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Slices per fixed-shape batch.")
 @click.option("-R", "R", type=click.IntRange(min=1), default=None,
@@ -38,13 +40,14 @@ def _summary(check: dict) -> str:
 @click.option("--no-validate", "no_validate", is_flag=True,
               help="Skip the onnxruntime-vs-PyTorch checks (they take seconds).")
 @friendly_errors
-def main(run, out, fp16, batch, R, T, lam, no_validate):
+def main(run, out, fp16, int8, batch, R, T, lam, no_validate):
     """Export the run's VQ-VAE, ATD and MVTM as the four graphs of the restoration loop, check each
     against PyTorch on held-out slices, and write the manifest inference reads."""
     from mimood.export.export import ValidationError, export_run
 
     try:
-        m = export_run(run, out=out, batch=batch, fp16=fp16, R=R, T=T, lam=lam, validate=not no_validate)
+        m = export_run(run, out=out, batch=batch, fp16=fp16, R=R, T=T, lam=lam, validate=not no_validate,
+                       int8=int8)
     except ValidationError as e:
         click.echo(f"error: {e} (nothing written)", err=True)
         sys.exit(1)
@@ -63,6 +66,13 @@ def main(run, out, fp16, batch, R, T, lam, no_validate):
         checks = m.validation.get(f"{name}.ort")
         status = "; ".join(_summary(c) for c in checks) if checks else "not validated"
         click.echo(f"  {g.file:<22} {g.precision}  {status}")
+    if m.extra.int8:
+        click.echo("int8 copies (--backend ort --precision int8):")
+    for name, g in m.extra.int8.items():
+        checks = m.validation.get(f"{name}.int8")
+        status = "; ".join(_summary(c) for c in checks) if checks else "not validated"
+        used = {True: "used", False: f"NOT used: {g.reason}", None: "used (not checked)"}[g.accepted]
+        click.echo(f"  {g.file:<22} {g.precision}  {status}; {used}")
 
 
 if __name__ == "__main__":
