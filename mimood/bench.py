@@ -6,13 +6,15 @@ For every backend/precision available here, on the same batch of B real slices, 
     torch bf16 eager     CPU autocast to bfloat16 (AVX-512 BF16 / AMX kernels through oneDNN)
     torch fp16           GPU: the runtime's CUDA-graph engine under fp16 autocast
     ort fp32 / fp16      onnxruntime, CPU provider (fp32 runs the fused-attention `.ort` graphs) or CUDA
+    ort int8             onnxruntime CPU, the ATD and MVTM step in their int8 copies (`mimood-export --int8`)
     trt fp32 / fp16      TensorRT engines (GPU with tensorrt)
 
 we report
 - seconds per batch for the whole loop (encode, T x (ATD + MVTM step), decode + score; the early stop is off,
-  so every path does the same work): one warm-up each, then the median of `repeats` rounds in which every
-  path restores the batch once (interleaved, so a machine shared with other jobs loads them alike),
-  device-synchronised, and where the time goes (per stage; "host" is the loop's own work between the
+  so every path computes the same maps; the onnxruntime CPU paths skip the rows whose result cannot change,
+  `mimood.runtime.ort`, which is part of what they gain): one warm-up each, then the median of `repeats`
+  rounds in which every path restores the batch once (interleaved, so a machine shared with other jobs loads
+  them alike), device-synchronised, and where the time goes (per stage; "host" is the loop's own work between the
   stages: noise, thresholds);
 - slices per second, and for the reference and the fastest path `mimood-infer` runs, the end-to-end time of
   one 155-slice volume through `infer_folder` (NIfTI read, preprocessing, restoration, map/mask/PNG writes);
@@ -296,7 +298,7 @@ def random_run(cfg: RunConfig, folder: Path) -> Path:
 # -- which paths ----------------------------------------------------------------------------------------------
 # (backend, precision, what runs it); the first is the reference and is always timed
 PATHS = (("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16"),
-         ("trt", "fp32"), ("trt", "fp16"))
+         ("ort", "int8"), ("trt", "fp32"), ("trt", "fp16"))
 
 
 def plan_paths(device: str, wanted: list[str] | None = None) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -317,6 +319,8 @@ def plan_paths(device: str, wanted: list[str] | None = None) -> tuple[list[tuple
             reason = "GPU half precision is timed as torch fp16 (CUDA graphs)"
         elif backend == "torch" and precision == "fp16" and not gpu:
             reason = "no CUDA GPU (torch fp16 = CUDA graphs under fp16 autocast)"
+        elif backend == "ort" and precision == "int8" and gpu:
+            reason = "int8 graphs run on onnxruntime's CPU provider only (timed without a GPU)"
         elif backend == "ort" and gpu and not ort_cuda:
             reason = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
         elif backend == "trt" and not trt_ok:
@@ -369,7 +373,8 @@ def run_bench(run: str | Path | None = None, preset: str = "cpu", backends: list
     say(f"exporting {source} for batch {batch} x R {R} ...")
     export = work / "export"
     export_run(run, export, batch=batch, fp16=any(p == "fp16" for b, p in paths if b != "torch"), R=R, T=T,
-               validate=False, build_engines=any(b == "trt" for b, _ in paths), progress=False)
+               validate=False, build_engines=any(b == "trt" for b, _ in paths), progress=False,
+               int8=("ort", "int8") in paths)        # unvalidated: int8 calibrated, timed, not map-checked
     bundle = Bundle.open(export)
     rcfg = replace(bundle.restore_config(), R=R, T=T)
     x = bench_slices(batch)
