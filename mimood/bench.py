@@ -254,13 +254,16 @@ def time_ar(vqvae, ar, x: np.ndarray, cfg, device: str, positions: int,
             "lam_nll": cfg.lam_nll, "engine": f"torch fp32 eager {device}"}
 
 
-def bench_slices(n: int) -> np.ndarray:
-    """n real slices [n,1,160,160]: the shipped MNI152 T2 template preprocessed (central brain slices)."""
+def bench_slices(n: int, volume: str | Path | None = None, data=None) -> np.ndarray:
+    """n real slices [n,1,160,160], central brain slices: of the shipped MNI152 T2 template, or of `volume` (a
+    NIfTI scan, preprocessed with the export's data config `data`). The onnxruntime CPU paths skip rows that
+    settle (mimood.runtime.ort), so their time depends on the slices: a healthy template settles after one or
+    two iterations, a scan with a lesion keeps rows masked longer."""
     from mimood.config import DataConfig
     from mimood.data.demo import load_template
     from mimood.data.preprocess import preprocess
 
-    s = preprocess(load_template(), DataConfig())
+    s = preprocess(load_template() if volume is None else volume, data or DataConfig())
     mid = len(s.images) // 2
     idx = np.arange(mid - n // 2, mid - n // 2 + n) % len(s.images)
     return s.images[idx][:, None].astype(np.float32)
@@ -351,6 +354,7 @@ def make_engine(bundle, backend: str, precision: str, device: str):
 def run_bench(run: str | Path | None = None, preset: str = "cpu", backends: list[str] | None = None,
               R: int | None = None, T: int | None = None, batch: int = 32, repeats: int = 3,
               ar_positions: int = 40, volume: bool = True, device: str | None = None,
+              slices: str | Path | None = None,
               say: Callable[[str], None] = print, saved: Callable[[Bench], None] | None = None) -> Bench:
     """Time every available path (module docstring); `say` gets the progress lines, `saved` the results so
     far after each part (so a run stopped during the long AR timing keeps what it measured)."""
@@ -377,10 +381,12 @@ def run_bench(run: str | Path | None = None, preset: str = "cpu", backends: list
                int8=("ort", "int8") in paths)        # unvalidated: int8 calibrated, timed, not map-checked
     bundle = Bundle.open(export)
     rcfg = replace(bundle.restore_config(), R=R, T=T)
-    x = bench_slices(batch)
+    x = bench_slices(batch, slices, bundle.data_config() if slices is not None else None)
     bench = Bench(machine_info(device), {"source": source, "preset": cfg.preset, "batch": batch, "R": R, "T": T,
                                          "repeats": repeats, "warmup": 1, "ar_positions": ar_positions,
-                                         "early_stop": False, "slices": "MNI152 T2 template, central slices"},
+                                         "early_stop": False,
+                                         "slices": f"{Path(slices).name if slices else 'MNI152 T2 template'}, "
+                                                   "central slices"},
                   skipped=skipped)
     say("measuring the peak (large matmul) ...")
     peaks = {"fp32": peak_flops(device, torch.float32), "bf16": peak_flops(device, torch.bfloat16)}
@@ -403,7 +409,10 @@ def run_bench(run: str | Path | None = None, preset: str = "cpu", backends: list
         med = statistics.median(times)
         precision = name.split()[1]
         peak = peaks.get(precision, peaks["fp32"])
-        note = "" if precision in peaks else "peak share against the fp32 peak (no fp16 matmul peak on a CPU)"
+        note = "" if precision in peaks else f"peak share against the fp32 peak (no {precision} matmul peak here)"
+        if getattr(engines[name], "skips_rows", False):
+            note = "; ".join(filter(None, [note, "FLOP/s of the full computation: settled and duplicate rows "
+                                                 "skipped, so less work was done"]))
         bench.results.append(Result(name, engines[name].detail, med, times, batch / med, stages, flops,
                                     flops / med, flops / med / peak, note=note))
     reference = engines[bench.results[0].path]
@@ -469,7 +478,7 @@ def format_table(bench: Bench) -> str:
              f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; measured peak "
              + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in m["peak_flops"].items()),
              f"batch {st['batch']} slices x R {st['R']}, T {st['T']} (all iterations), {st['source']}; "
-             f"median of {st['repeats']} interleaved rounds after a warm-up; load average "
+             f"slices: {st['slices']}; median of {st['repeats']} interleaved rounds after a warm-up; load average "
              f"{m['load_average']} at the start, {m.get('load_average_end')} at the end",
              "",
              f"{'path':<24}{'s/batch':>9}{'slices/s':>10}{'vs ref':>8}{'GFLOP/s':>9}{'% peak':>8}"
@@ -484,6 +493,9 @@ def format_table(bench: Bench) -> str:
                      f"{vol:>10}  {stages}")
     if bench.results:
         lines.append(f"FLOPs per batch: {bench.results[0].flops_per_batch / 1e9:.1f} GFLOP")
+    for r in bench.results:
+        if r.note:
+            lines.append(f"{r.path}: {r.note}")
     for s in bench.skipped:
         lines.append(f"skipped {s['path']}: {s['reason']}")
     if bench.ar:
