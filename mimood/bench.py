@@ -6,13 +6,15 @@ For every backend/precision available here, on the same batch of B real slices, 
     torch bf16 eager     CPU autocast to bfloat16 (AVX-512 BF16 / AMX kernels through oneDNN)
     torch fp16           GPU: the runtime's CUDA-graph engine under fp16 autocast
     ort fp32 / fp16      onnxruntime, CPU provider (fp32 runs the fused-attention `.ort` graphs) or CUDA
+    ort int8             onnxruntime CPU, the ATD and MVTM step in their int8 copies (`mimood-export --int8`)
     trt fp32 / fp16      TensorRT engines (GPU with tensorrt)
 
 we report
 - seconds per batch for the whole loop (encode, T x (ATD + MVTM step), decode + score; the early stop is off,
-  so every path does the same work): one warm-up each, then the median of `repeats` rounds in which every
-  path restores the batch once (interleaved, so a machine shared with other jobs loads them alike),
-  device-synchronised, and where the time goes (per stage; "host" is the loop's own work between the
+  so every path computes the same maps; the onnxruntime CPU paths skip the rows whose result cannot change,
+  `mimood.runtime.ort`, which is part of what they gain): one warm-up each, then the median of `repeats`
+  rounds in which every path restores the batch once (interleaved, so a machine shared with other jobs loads
+  them alike), device-synchronised, and where the time goes (per stage; "host" is the loop's own work between the
   stages: noise, thresholds);
 - slices per second, and for the reference and the fastest path `mimood-infer` runs, the end-to-end time of
   one 155-slice volume through `infer_folder` (NIfTI read, preprocessing, restoration, map/mask/PNG writes);
@@ -252,13 +254,16 @@ def time_ar(vqvae, ar, x: np.ndarray, cfg, device: str, positions: int,
             "lam_nll": cfg.lam_nll, "engine": f"torch fp32 eager {device}"}
 
 
-def bench_slices(n: int) -> np.ndarray:
-    """n real slices [n,1,160,160]: the shipped MNI152 T2 template preprocessed (central brain slices)."""
+def bench_slices(n: int, volume: str | Path | None = None, data=None) -> np.ndarray:
+    """n real slices [n,1,160,160], central brain slices: of the shipped MNI152 T2 template, or of `volume` (a
+    NIfTI scan, preprocessed with the export's data config `data`). The onnxruntime CPU paths skip rows that
+    settle (mimood.runtime.ort), so their time depends on the slices: a healthy template settles after one or
+    two iterations, a scan with a lesion keeps rows masked longer."""
     from mimood.config import DataConfig
     from mimood.data.demo import load_template
     from mimood.data.preprocess import preprocess
 
-    s = preprocess(load_template(), DataConfig())
+    s = preprocess(load_template() if volume is None else volume, data or DataConfig())
     mid = len(s.images) // 2
     idx = np.arange(mid - n // 2, mid - n // 2 + n) % len(s.images)
     return s.images[idx][:, None].astype(np.float32)
@@ -296,7 +301,7 @@ def random_run(cfg: RunConfig, folder: Path) -> Path:
 # -- which paths ----------------------------------------------------------------------------------------------
 # (backend, precision, what runs it); the first is the reference and is always timed
 PATHS = (("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16"), ("ort", "fp32"), ("ort", "fp16"),
-         ("trt", "fp32"), ("trt", "fp16"))
+         ("ort", "int8"), ("trt", "fp32"), ("trt", "fp16"))
 
 
 def plan_paths(device: str, wanted: list[str] | None = None) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -317,6 +322,8 @@ def plan_paths(device: str, wanted: list[str] | None = None) -> tuple[list[tuple
             reason = "GPU half precision is timed as torch fp16 (CUDA graphs)"
         elif backend == "torch" and precision == "fp16" and not gpu:
             reason = "no CUDA GPU (torch fp16 = CUDA graphs under fp16 autocast)"
+        elif backend == "ort" and precision == "int8" and gpu:
+            reason = "int8 graphs run on onnxruntime's CPU provider only (timed without a GPU)"
         elif backend == "ort" and gpu and not ort_cuda:
             reason = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
         elif backend == "trt" and not trt_ok:
@@ -347,6 +354,7 @@ def make_engine(bundle, backend: str, precision: str, device: str):
 def run_bench(run: str | Path | None = None, preset: str = "cpu", backends: list[str] | None = None,
               R: int | None = None, T: int | None = None, batch: int = 32, repeats: int = 3,
               ar_positions: int = 40, volume: bool = True, device: str | None = None,
+              slices: str | Path | None = None,
               say: Callable[[str], None] = print, saved: Callable[[Bench], None] | None = None) -> Bench:
     """Time every available path (module docstring); `say` gets the progress lines, `saved` the results so
     far after each part (so a run stopped during the long AR timing keeps what it measured)."""
@@ -369,13 +377,16 @@ def run_bench(run: str | Path | None = None, preset: str = "cpu", backends: list
     say(f"exporting {source} for batch {batch} x R {R} ...")
     export = work / "export"
     export_run(run, export, batch=batch, fp16=any(p == "fp16" for b, p in paths if b != "torch"), R=R, T=T,
-               validate=False, build_engines=any(b == "trt" for b, _ in paths), progress=False)
+               validate=False, build_engines=any(b == "trt" for b, _ in paths), progress=False,
+               int8=("ort", "int8") in paths)        # unvalidated: int8 calibrated, timed, not map-checked
     bundle = Bundle.open(export)
     rcfg = replace(bundle.restore_config(), R=R, T=T)
-    x = bench_slices(batch)
+    x = bench_slices(batch, slices, bundle.data_config() if slices is not None else None)
     bench = Bench(machine_info(device), {"source": source, "preset": cfg.preset, "batch": batch, "R": R, "T": T,
                                          "repeats": repeats, "warmup": 1, "ar_positions": ar_positions,
-                                         "early_stop": False, "slices": "MNI152 T2 template, central slices"},
+                                         "early_stop": False,
+                                         "slices": f"{Path(slices).name if slices else 'MNI152 T2 template'}, "
+                                                   "central slices"},
                   skipped=skipped)
     say("measuring the peak (large matmul) ...")
     peaks = {"fp32": peak_flops(device, torch.float32), "bf16": peak_flops(device, torch.bfloat16)}
@@ -398,7 +409,10 @@ def run_bench(run: str | Path | None = None, preset: str = "cpu", backends: list
         med = statistics.median(times)
         precision = name.split()[1]
         peak = peaks.get(precision, peaks["fp32"])
-        note = "" if precision in peaks else "peak share against the fp32 peak (no fp16 matmul peak on a CPU)"
+        note = "" if precision in peaks else f"peak share against the fp32 peak (no {precision} matmul peak here)"
+        if getattr(engines[name], "skips_rows", False):
+            note = "; ".join(filter(None, [note, "FLOP/s of the full computation: settled and duplicate rows "
+                                                 "skipped, so less work was done"]))
         bench.results.append(Result(name, engines[name].detail, med, times, batch / med, stages, flops,
                                     flops / med, flops / med / peak, note=note))
     reference = engines[bench.results[0].path]
@@ -464,7 +478,7 @@ def format_table(bench: Bench) -> str:
              f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; measured peak "
              + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in m["peak_flops"].items()),
              f"batch {st['batch']} slices x R {st['R']}, T {st['T']} (all iterations), {st['source']}; "
-             f"median of {st['repeats']} interleaved rounds after a warm-up; load average "
+             f"slices: {st['slices']}; median of {st['repeats']} interleaved rounds after a warm-up; load average "
              f"{m['load_average']} at the start, {m.get('load_average_end')} at the end",
              "",
              f"{'path':<24}{'s/batch':>9}{'slices/s':>10}{'vs ref':>8}{'GFLOP/s':>9}{'% peak':>8}"
@@ -479,6 +493,9 @@ def format_table(bench: Bench) -> str:
                      f"{vol:>10}  {stages}")
     if bench.results:
         lines.append(f"FLOPs per batch: {bench.results[0].flops_per_batch / 1e9:.1f} GFLOP")
+    for r in bench.results:
+        if r.note:
+            lines.append(f"{r.path}: {r.note}")
     for s in bench.skipped:
         lines.append(f"skipped {s['path']}: {s['reason']}")
     if bench.ar:

@@ -147,20 +147,27 @@ def _umask() -> int:
 
 # -- graphs ----------------------------------------------------------------------------------------------------
 GRAPHS = ("encode", "atd", "mvtm_step", "decode_score")   # the loop steps, in loop order
+ROW_GRAPHS = ("atd", "mvtm_step")                         # row-wise steps: row i of the output needs row i only
 WEIGHTS = ("vqvae", "atd", "mvtm")                        # checkpoints in <export>/weights/ (the torch backend)
+ROWS = "rows"                                             # the symbolic row dimension (expected_io(rows=True))
 
 
-def expected_io(B: int, R: int) -> dict[str, dict[str, dict[str, tuple[list[int], str]]]]:
+def expected_io(B: int, R: int, rows: bool = False) -> dict[str, dict[str, dict[str, tuple[list, str]]]]:
     """graph -> {"inputs"/"outputs": {tensor name: (static shape, numpy dtype name)}} for B slices, R copies:
     the contract of the exported graphs (mimood.export.graphs) and of every runtime backend; fp16 graphs keep
-    the same fp32/int32/bool I/O. Rows of B*R are slice-major (row b*R + r is restoration r of slice b)."""
-    H, N, BR = IMAGE_SIZE, NUM_TOKENS, B * R
+    the same fp32/int32/bool I/O. Rows of B*R are slice-major (row b*R + r is restoration r of slice b).
+
+    rows=True: the onnxruntime-only copies of the row-wise steps (ROW_GRAPHS, `extra.ort_graphs` and
+    `extra.int8`), whose first dimension is the symbol ROWS instead of B*R: they run any number of rows, so the
+    onnxruntime engine computes only the rows that can still change (mimood.runtime.ort)."""
+    H, N = IMAGE_SIZE, NUM_TOKENS
+    BR = ROWS if rows else B * R
     shapes = {
         "encode": ({"x": ([B, 1, H, H], "float32")}, {"tokens": ([B, N], "int32")}),
         "atd": ({"tokens": ([BR, N], "int32")}, {"probs": ([BR, N], "float32")}),
         "mvtm_step": ({"tokens": ([BR, N], "int32"), "mask": ([BR, N], "bool"),
                        "noise": ([BR, N], "float32")}, {"tokens_out": ([BR, N], "int32")}),
-        "decode_score": ({"tokens": ([BR, N], "int32"), "x": ([B, 1, H, H], "float32")},
+        "decode_score": ({"tokens": ([B * R, N], "int32"), "x": ([B, 1, H, H], "float32")},
                          {"maps": ([B, H, H], "float32")}),
     }
     return {name: {"inputs": ins, "outputs": outs} for name, (ins, outs) in shapes.items()}
@@ -228,16 +235,43 @@ class FileRecord:
 @dataclass
 class GraphRecord(FileRecord):
     """A graph file: the fields of a `Manifest.graphs` entry."""
-    precision: str                               # "fp32" or "fp16"
+    precision: str                               # "fp32", "fp16" or "int8"
     inputs: dict[str, list]                      # tensor -> [static shape, numpy dtype name]
     outputs: dict[str, list]
 
 
 @dataclass
 class OrtGraphRecord(GraphRecord):
-    """An onnxruntime-only copy of a loop graph (fused attention; mimood.export.graphs.export_ort)."""
-    source: str                                  # the standard graph it was made from, e.g. "atd.onnx"
+    """An onnxruntime-only copy of a loop graph (fused attention; mimood.export.graphs.export_ort). Its rows are
+    symbolic (`expected_io(rows=True)`) in exports from this version on, B*R in earlier ones."""
+    source: str                                  # the standard graph of the same function, e.g. "atd.onnx"
     rewrites: dict[str, int]                     # rewrite -> how many times it applied
+
+
+@dataclass
+class Int8GraphRecord(GraphRecord):
+    """An int8 copy of an onnxruntime-only graph (mimood.export.quantize, `mimood-export --int8`), run by
+    `--precision int8` unless the map check (`Extra.int8_maps`) turned it down."""
+    source: str                                  # the graph it was quantised from, e.g. "atd.ort.onnx"
+    method: str                                  # quantiser, version and settings
+    calibration: str                             # what the activation ranges were measured on
+    quantized: dict[str, int]                    # op type -> how many nodes run in int8
+    accepted: bool | None = None                 # True: passed the map check; False: failed it, never used;
+                                                 # None: not checked (an export without validation), used
+    reason: str = ""                             # why it was not accepted
+
+
+@dataclass
+class MapCheck:
+    """The seed rule on the export's validation slices (mimood.export.validate.seed_rule): the whole loop's maps
+    with int8 graphs against the fp32 onnxruntime maps with the same seed must be no further from them than the
+    fp32 maps with another seed (mean |map difference| and mask disagreement, inside the brain)."""
+    slices: int
+    seeds: list[int]                             # [the reference's and the candidates', the yardstick's]
+    threshold: float | None                      # of the mask rule (None: an uncalibrated export, mean rule only)
+    yardstick: dict[str, float]                  # fp32 with the other seed against the reference
+    candidates: dict[str, dict[str, Any]]        # "atd", "mvtm_step", "atd+mvtm_step" -> agreement + "passed"
+    accepted: list[str]                          # the int8 steps `--precision int8` runs
 
 
 @dataclass
@@ -272,6 +306,8 @@ class Extra:
     without --fp16, not validated, ...)."""
     weights: dict[str, FileRecord] = field(default_factory=dict)        # WEIGHTS kind -> checkpoint copy
     ort_graphs: dict[str, OrtGraphRecord] = field(default_factory=dict)  # loop step -> onnxruntime-only copy
+    int8: dict[str, Int8GraphRecord] = field(default_factory=dict)       # loop step -> int8 copy (--int8)
+    int8_maps: MapCheck | None = None                                   # the map check of the int8 copies
     ood: OODRecord | None = None
     fp16: dict[str, dict[str, Any]] = field(default_factory=dict)      # graph key -> conversion report
     validation: ExportValidation | None = None
@@ -288,6 +324,9 @@ class Extra:
         x = _record(cls, d, "extra")
         x.weights = {k: _record(FileRecord, v, f"extra.weights.{k}") for k, v in x.weights.items()}
         x.ort_graphs = {k: _record(OrtGraphRecord, v, f"extra.ort_graphs.{k}") for k, v in x.ort_graphs.items()}
+        x.int8 = {k: _record(Int8GraphRecord, v, f"extra.int8.{k}") for k, v in x.int8.items()}
+        if x.int8_maps is not None:
+            x.int8_maps = _record(MapCheck, x.int8_maps, "extra.int8_maps")
         if x.ood is not None:
             x.ood = _record(OODRecord, x.ood, "extra.ood")
             x.ood.graph = _record(GraphRecord, x.ood.graph, "extra.ood.graph")

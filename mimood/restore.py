@@ -10,7 +10,17 @@
 
 Every backend (the PyTorch reference `mimood.runtime.torch_backend.TorchEngine`, onnxruntime, TensorRT, torch
 with CUDA graphs) implements the small `Engine` interface and runs through `restore()`, so the backends cannot
-drift apart. This module is numpy only: the engines own their arrays (numpy, torch CPU/CUDA tensors) and the
+drift apart.
+
+Rows that need no work: a row whose mask comes back empty never changes again (the detector sees the same
+tokens, so its mask stays empty), and padding rows (slices `filled` and after) are thrown away. The loop keeps
+the host bool `active` [B*R] of the other rows and hands it to engines that declare `skips_rows = True`
+(`detect(tokens, active)`): they may skip the inactive rows and score them 0, which is below every lambda, so
+the masks, tokens and maps of the filled rows are those of the full computation. Engines with static shapes
+(TensorRT, CUDA graphs, the torch reference) do not declare it and compute every row. Masked tokens are
+counted, and the early stop decided, on the filled rows.
+
+This module is numpy only: the engines own their arrays (numpy, torch CPU/CUDA tensors) and the
 loop touches them only through the engine's methods and `>`, `.sum()` and `.shape`. The uniform noise of each
 step comes from one numpy generator on the host, so two backends given the same seed draw the same samples
 (one [B*R, N] float32 copy to the device per step: 200 kB at B*R = 128, negligible next to a transformer pass).
@@ -35,6 +45,7 @@ class Engine(Protocol):
     def repeat(self, tokens: Any) -> Any: ...                               # [B,N] -> [B*R,N], slice-major
     def encode(self, x: Any) -> Any: ...                                     # [B,1,H,W] -> [B,N] int32
     def detect(self, tokens: Any) -> Any: ...                                # [B*R,N] -> scores [B*R,N]
+    # optional: skips_rows = True, and then detect(tokens, active) with active [B*R] host bool (module docstring)
     def mvtm_step(self, tokens: Any, mask: Any, noise: Any) -> Any: ...      # -> [B*R,N] int32
     def decode_score(self, tokens: Any, x: Any) -> Any: ...                  # -> maps [B,H,W] float32
 
@@ -42,32 +53,40 @@ class Engine(Protocol):
 @dataclass
 class Restoration:
     maps: np.ndarray                       # [B, H, W] float32 anomaly maps
-    token_scores: np.ndarray               # [B, N] detector scores of the input tokens (first iteration)
-    masked: list[int] = field(default_factory=list)   # number of masked tokens at each iteration run
+    token_scores: np.ndarray               # [B, N] detector scores of the input tokens (first iteration; padding
+                                           # slices score 0 with engines that skip rows)
+    masked: list[int] = field(default_factory=list)   # masked tokens of the filled slices at each iteration run
     tokens: np.ndarray | None = None       # [B*R, N] final tokens (when keep_tokens)
     input_tokens: np.ndarray | None = None  # [B, N] int32 tokens of the input (the encoding the loop started from)
 
 
 def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Generator | None = None,
-            lam: float | None = None, keep_tokens: bool = False, early_stop: bool = True) -> Restoration:
+            lam: float | None = None, keep_tokens: bool = False, early_stop: bool = True,
+            filled: int | None = None) -> Restoration:
     """Restore a batch x [B,1,H,W] float32 (values in [0,1], background 0) and return its anomaly maps.
 
     lam overrides cfg.lam (the detector threshold). rng draws the sampling noise (default: seeded by cfg.seed).
     early_stop=False runs all T iterations even when no token is above lambda (benchmarks time the whole loop).
+    filled: slices 0..filled-1 are real, the rest padding whose maps are thrown away (default: all real).
     """
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     lam = cfg.lam if lam is None else lam
     xd = engine.put(np.ascontiguousarray(x, dtype=np.float32))
     encoded = engine.encode(xd)                                              # [B, N]
     tokens = engine.repeat(encoded)                                          # [B*R, N]
+    real = (len(x) if filled is None else filled) * engine.R                # filled rows: 0 .. real-1
+    skips = getattr(engine, "skips_rows", False)
+    active = np.arange(len(x) * engine.R) < real                             # [B*R] host bool
     masked: list[int] = []
     token_scores = None
     for _ in range(cfg.T):
-        scores = engine.detect(tokens)                                       # [B*R, N]
+        scores = engine.detect(tokens, active) if skips else engine.detect(tokens)   # [B*R, N]
         if token_scores is None:
             token_scores = engine.get(scores)[:: engine.R]                  # first replica of each slice
         mask = scores > lam
-        n = int(mask.sum())
+        if skips:
+            active &= engine.get(mask.any(1))                                # settled rows stay settled
+        n = int(mask[:real].sum())
         masked.append(n)
         if n == 0 and early_stop:
             break

@@ -32,7 +32,7 @@ def test_loop_flops_per_iteration_match_hand_count():
 def test_bench_json_contract(tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(main, ["--preset", "tiny", "--batch", "2", "-R", "1", "-T", "1", "--repeats", "2",
-                                  "--ar-positions", "2", "--no-volume", "--backends", "ort-fp32",
+                                  "--ar-positions", "2", "--no-volume", "--backends", "ort-fp32", "--backends", "ort-int8",
                                   "-o", str(out)])
     assert r.exit_code == 0, r.output
     d = json.loads(out.read_text())
@@ -42,7 +42,8 @@ def test_bench_json_contract(tmp_path):
     paths = [x["path"] for x in d["results"]]
     assert paths[0] == f"torch fp32 {'cuda' if gpu else 'cpu'} eager"
     if not gpu:
-        assert paths == ["torch fp32 cpu eager", "ort fp32 cpu"]
+        assert paths == ["torch fp32 cpu eager", "ort fp32 cpu", "ort int8 cpu"]
+        assert "(int8: atd, mvtm_step)" in d["results"][2]["engine"]      # the int8 copies, not fp32 again
     flops = {x["flops_per_batch"] for x in d["results"]}
     assert len(flops) == 1 and flops.pop() > 0     # the same work on every path
     for x in d["results"]:

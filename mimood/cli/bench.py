@@ -27,6 +27,9 @@ from mimood.cli._common import Command, common, friendly_errors, model_option, r
 @click.option("--ar-positions", type=click.IntRange(min=1, max=400), default=40, show_default=True,
               help="AR reference passes timed (of 400) and scaled.")
 @click.option("--no-volume", is_flag=True, help="Skip the end-to-end 155-slice volume timing.")
+@click.option("--slices", "slices", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Time the batch on the central slices of this NIfTI scan (e.g. a BraTS case) instead of the "
+                   "healthy template: the onnxruntime CPU paths skip settled rows, so their time depends on it.")
 @click.option("-o", "--output", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the results as JSON: {machine, settings, results, skipped, ar, ratios} "
                    "(rewritten after each part, so a stopped run keeps what it measured).")
@@ -34,7 +37,7 @@ from mimood.cli._common import Command, common, friendly_errors, model_option, r
 @renamed("--run", "-m/--model", "model", type=click.Path(path_type=Path))
 @renamed("--json", "-o/--output", "json_path", type=click.Path(path_type=Path, dir_okay=False))
 @friendly_errors
-def main(model, preset, backends, R, T, batch, repeats, ar_positions, no_volume, json_path, device, quiet):
+def main(model, preset, backends, R, T, batch, repeats, ar_positions, no_volume, slices, json_path, device, quiet):
     """Seconds per batch of the whole restoration loop (encode, T x (ATD + MVTM step), decode + score) for
     each available backend and precision, slices/s, one volume end to end, FLOP/s against the machine's
     peak, and AR restoration on the same batch. Paths that cannot run here are listed with the reason."""
@@ -43,7 +46,8 @@ def main(model, preset, backends, R, T, batch, repeats, ar_positions, no_volume,
 
     run = None if model is None else require_run(model, "mimood-bench")
     bench = run_bench(run, preset, list(backends) or None, R=R, T=T, batch=batch, repeats=repeats,
-                      ar_positions=ar_positions, volume=not no_volume, device=None if device == "auto" else device,
+                      ar_positions=ar_positions, volume=not no_volume, slices=slices,
+                      device=None if device == "auto" else device,
                       say=(lambda msg: None) if quiet else lambda msg: click.echo(msg, err=True),
                       saved=None if json_path is None else lambda b: save_json(b, json_path))
     click.echo(format_table(bench))

@@ -27,6 +27,8 @@ def _summary(check: dict) -> str:
               help="Export folder (replaced whole when complete).  [default: <run>/export]")
 @click.option("--fp16", is_flag=True, help="Also write half-precision graphs (LayerNorm, softmax, sampling, "
                                            "VQ search and the residual stay fp32).")
+@click.option("--int8", is_flag=True, help="Also write int8 copies of the ATD and MVTM step for --backend ort "
+                                           "--precision int8, used only where their maps pass the map check.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Slices per fixed-shape batch.")
 @click.option("-R", "R", type=click.IntRange(min=1), default=None,
@@ -41,7 +43,7 @@ def _summary(check: dict) -> str:
 @renamed("--run", "-m/--model", "model", type=click.Path(path_type=Path))
 @renamed("--out", "-o/--output", "out", type=click.Path(path_type=Path))
 @friendly_errors
-def main(model, out, fp16, batch, R, T, lam, no_validate, device, quiet):
+def main(model, out, fp16, int8, batch, R, T, lam, no_validate, device, quiet):
     """Export the run's VQ-VAE, ATD and MVTM as the four graphs of the restoration loop, check each
     against PyTorch on held-out slices, and write the manifest inference reads."""
     from mimood.export.export import ValidationError, export_run
@@ -51,7 +53,7 @@ def main(model, out, fp16, batch, R, T, lam, no_validate, device, quiet):
     run = require_run(model if model is not None else Path("runs/default"), "mimood-export")
     try:
         m = export_run(run, out=out, batch=batch, fp16=fp16, R=R, T=T, lam=lam, validate=not no_validate,
-                       progress=not quiet)
+                       progress=not quiet, int8=int8)
     except ValidationError as e:
         fail(f"{e} (nothing written)", 1)
     out = run / "export" if out is None else out
@@ -69,6 +71,13 @@ def main(model, out, fp16, batch, R, T, lam, no_validate, device, quiet):
         checks = m.validation.get(f"{name}.ort")
         status = "; ".join(_summary(c) for c in checks) if checks else "not validated"
         click.echo(f"  {g.file:<22} {g.precision}  {status}")
+    if m.extra.int8:
+        click.echo("int8 copies (--backend ort --precision int8):")
+    for name, g in m.extra.int8.items():
+        checks = m.validation.get(f"{name}.int8")
+        status = "; ".join(_summary(c) for c in checks) if checks else "not validated"
+        used = {True: "used", False: f"NOT used: {g.reason}", None: "used (not checked)"}[g.accepted]
+        click.echo(f"  {g.file:<22} {g.precision}  {status}; {used}")
 
 
 if __name__ == "__main__":

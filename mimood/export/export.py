@@ -54,11 +54,12 @@ import torch
 
 from mimood.config import RunConfig
 from mimood.contract import (MANIFEST_NAME, ExportValidation, FileRecord, GraphRecord, Manifest, OODRecord,
-                             OrtGraphRecord, atomic_write, file_sha256, graph_io)
+                             OrtGraphRecord, atomic_write, expected_io, file_sha256, graph_io, recorded_io)
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
 from mimood.export.graphs import (GRAPHS, IO_NAMES, OPSET, ORT_GRAPHS, build_modules, example_inputs,
                                   export_fp16, export_onnx, export_ort)
+from mimood.export.quantize import calibration_feeds, check_maps, int8_record, quantize_int8
 from mimood.export.validate import Check, compare, run_onnx
 from mimood.models.checkpoint import load_model
 from mimood.ood.scan import OOD_FILE
@@ -106,12 +107,21 @@ TOLERANCES = {
     #   score ~0.1 and more.
     "fp16": Tolerances(token_mismatch=1e-2, probs_atol=1e-2, mask_mismatch=1e-2, sample_mismatch=5e-2,
                        map_atol=1e-2, map_mean=1e-3),
+    # int8 (the transformer steps' copies only; mimood.export.quantize): the matmuls' inputs rounded to 1/255
+    # of their calibrated range. These checks catch a broken graph; whether its maps may be used is the map
+    # check's decision (the seed rule, Extra.int8_maps). Measured on the trained real-preset run (width 64,
+    # 32 validation slices): ATD probabilities max |err| 0.016, no mask decision at lambda flipped; 12.4% of the
+    # masked MVTM draws differ (a flat softmax over 256 codes moves by more than its CDF steps), and the map
+    # check passed (mean |map err| 0.0038 against 0.0075 for fp32 with another seed). A broken graph moves the
+    # probabilities by ~0.5 and most draws; 5e-2 / 5% / 20% allowed. Encode and decode_score have no int8 copy.
+    "int8": Tolerances(token_mismatch=0.0, probs_atol=5e-2, mask_mismatch=5e-2, sample_mismatch=0.2,
+                       map_atol=0.0, map_mean=0.0),
 }
 
 
 def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, fp16: bool = False,
                R: int | None = None, T: int | None = None, lam: float | None = None, validate: bool = True,
-               build_engines: bool = True, progress: bool = True) -> Manifest:
+               build_engines: bool = True, progress: bool = True, int8: bool = False) -> Manifest:
     """Export the run's best VQ-VAE, ATD and MVTM as the four loop graphs for batches of `batch` slices and
     R restorations (default: the run's config), validate them, and return the manifest written to `out`.
 
@@ -140,9 +150,15 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
         raise InputError(run, f"checkpoints disagree on the codebook size: vqvae {K}, atd "
                               f"{models['atd'].cfg.vocab_size}, mvtm {models['mvtm'].cfg.vocab_size}")
     modules = build_modules(models["vqvae"], models["atd"], models["mvtm"], r, R)
-    if validate:
-        x, n_blob, source = validation_slices(run, batch)
-        feeds, want = reference_io(modules, x, R, lam)
+    x = feeds = None
+    if validate or int8:                 # int8 calibrates on the validation inputs where the run has them
+        try:
+            x, n_blob, source = validation_slices(run, batch)
+        except InputError:
+            if validate:
+                raise
+        if x is not None:
+            feeds, want = reference_io(modules, x, R, lam)
 
     manifest = Manifest.from_config(cfg, batch=batch, R=R, T=T, lam=float(lam), threshold=threshold,
                                     vocab_size=K, mask_id=K)
@@ -151,8 +167,9 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
     tmp.mkdir(parents=True)
     try:
         precisions = ["fp32", "fp16"] if fp16 else ["fp32"]
+        copies = ["ort"] + (["int8"] if int8 else [])             # of the row-wise steps (ORT_GRAPHS)
         for name in GRAPHS:
-            for precision in precisions + (["ort"] if name in ORT_GRAPHS else []):
+            for precision in precisions + (copies if name in ORT_GRAPHS else []):
                 key = name if precision == "fp32" else f"{name}.{precision}"
                 path = tmp / f"{key}.onnx"
                 say(f"exporting {path.name}")
@@ -163,20 +180,37 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
                     report = export_fp16(name, tmp / f"{name}.onnx", path)
                     manifest.extra.fp16[key] = {k: v for k, v in report.items() if k != "io"}
                     manifest.add_graph(key, path, precision)
-                else:   # onnxruntime-only: recorded beside `graphs`, not in it (module docstring)
-                    rewrites = export_ort(tmp / f"{name}.onnx", path)
-                    manifest.extra.ort_graphs[name] = OrtGraphRecord(
-                        path.name, file_sha256(path), "fp32", **graph_io(path), source=f"{name}.onnx",
-                        rewrites=rewrites)
+                elif precision == "ort":   # onnxruntime-only: recorded beside `graphs`, not in it (module docstring)
+                    rows = tmp / f".{name}.rows.onnx"                  # the module again, rows symbolic
+                    export_onnx(name, modules[name], example_inputs(name, batch, R, K), rows, rows=True)
+                    rewrites = export_ort(rows, path)
+                    rows.unlink()
+                    record = OrtGraphRecord(path.name, file_sha256(path), "fp32", **graph_io(path),
+                                            source=f"{name}.onnx", rewrites=rewrites)
+                    got, io = recorded_io(record.inputs, record.outputs), expected_io(batch, R, rows=True)[name]
+                    if got != io:
+                        raise ValidationError(f"{path.name}: I/O {got}, expected {io} (rows symbolic)")
+                    manifest.extra.ort_graphs[name] = record
+                else:      # int8 copy of the onnxruntime-only graph (mimood.export.quantize)
+                    cal, what = _calibration(name, feeds, batch, R, K, source if x is not None else None)
+                    say(f"  calibrating on {what}")
+                    quantised = quantize_int8(tmp / f"{name}.ort.onnx", path, cal)
+                    manifest.extra.int8[name] = int8_record(name, tmp / f"{name}.ort.onnx", path, quantised, what)
                 if validate:
-                    tol = TOLERANCES["fp16" if precision == "fp16" else "fp32"]   # the ort copies compute in fp32
+                    tol = TOLERANCES[precision if precision in ("fp16", "int8") else "fp32"]  # ort computes in fp32
                     checks = check_graph(name, path, feeds[name], want[name], tol, lam)
+                    if precision in ("ort", "int8"):
+                        checks += check_rows(name, path, feeds[name], want[name], tol, lam)
                     manifest.validation[key] = [asdict(c) for c in checks]
                     failed = [str(c) for c in checks if not c.passed]
                     if failed and precision == "fp16" and any(np.isnan(c.max_abs_err) for c in checks):
                         failed.append("NaN outputs: values beyond fp16's range (65504) inside the graph? "
                                       "e.g. unused VQ codes with huge entries")
-                    if failed:
+                    if failed and precision == "int8":          # not used, recorded; the export goes on
+                        manifest.extra.int8[name].accepted = False
+                        manifest.extra.int8[name].reason = f"graph check: {'; '.join(failed)}"
+                        say(f"  {path.name} fails its check and will not be used: {'; '.join(failed)}")
+                    elif failed:
                         raise ValidationError(f"{path.name} does not match PyTorch: {'; '.join(failed)}")
         if validate:
             manifest.extra.validation = ExportValidation(
@@ -202,11 +236,50 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
             manifest.extra.engines = make_engines(tmp, [k for k in manifest.graphs
                                                         if k.endswith(".fp16") == fp16], manifest, say)
         manifest.save(tmp / MANIFEST_NAME)
+        if int8 and validate:
+            say("int8 map check on the validation slices (no further from fp32 than another seed) ...")
+            check = check_maps(tmp, x[:, 0].numpy(), threshold, SEED, say)
+            manifest.extra.int8_maps = check
+            for name, record in manifest.extra.int8.items():
+                if record.accepted is None:
+                    record.accepted = name in check.accepted
+                    record.reason = "" if record.accepted else _map_reason(name, check)
+            manifest.save(tmp / MANIFEST_NAME)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _calibration(name: str, feeds: dict | None, batch: int, R: int, K: int, source: str | None
+                 ) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Calibration feeds of step `name` for its int8 copy, and what they are: the validation inputs of the step
+    (for the ATD also the tokens after one MVTM step, what later iterations see), else random inputs."""
+    if feeds is None:
+        inputs = example_inputs(name, batch, R, K)
+        step = dict(zip(IO_NAMES[name][0], (t.numpy() for t in inputs)))
+        what = f"random inputs of the graph's shapes ({len(inputs[0])} rows; the run has no validation slices)"
+    else:
+        step = dict(feeds[name])
+        if name == "atd":
+            step = {"tokens": np.concatenate([feeds["atd"]["tokens"], feeds["decode_score"]["tokens"]])}
+        what = f"the step's inputs on {batch} validation slices of {source}"
+    cal = calibration_feeds(name, step)
+    return cal, f"{what}: {sum(len(next(iter(c.values()))) for c in cal)} distinct rows"
+
+
+def _map_reason(name: str, check) -> str:
+    """Why the map check turned step `name`'s int8 graph down, in one line."""
+    tried = [k for k in check.candidates if name in k.split("+")]
+    parts = []
+    for k in tried:
+        c = check.candidates[k]
+        mask = (f", mask disagreement {c['mask_disagreement']:.3%} vs {check.yardstick['mask_disagreement']:.3%}"
+                if "mask_disagreement" in c else "")
+        parts.append(f"{k} in int8: mean |map err| {c['mean_abs_err']:.3g} vs {check.yardstick['mean_abs_err']:.3g} "
+                     f"for fp32 with another seed{mask}" + ("" if c["passed"] else " (failed)"))
+    return "map check: " + "; ".join(parts) if parts else "map check: not accepted"
 
 
 def export_ood(run: Path, folder: Path, mvtm, batch: int, manifest: Manifest, x: torch.Tensor | None) -> None:
@@ -276,6 +349,20 @@ def check_graph(name: str, path: Path, feeds: dict[str, np.ndarray], want: dict[
         return [compare("maps", maps, ref, atol=tol.map_atol),
                 compare("maps (mean)", np.float64(mean_err), np.float64(0.0), atol=tol.map_mean)]
     raise ValueError(f"unknown graph {name!r}")
+
+
+def check_rows(name: str, path: Path, feeds: dict[str, np.ndarray], want: dict[str, np.ndarray],
+               tol: Tolerances, lam: float) -> list[Check]:
+    """A graph with symbolic rows on another number of rows, in another order: every other row of `feeds`,
+    last first, compared with the same rows of the reference (named "... (rows)"). Catches a graph that
+    mixes rows or runs only at the traced number of rows; the onnxruntime engine runs any subset."""
+    n = len(next(iter(feeds.values())))
+    rows = np.arange(n)[::-1][::2]
+    checks = check_graph(name, path, {k: np.ascontiguousarray(v[rows]) for k, v in feeds.items()},
+                         {k: v[rows] for k, v in want.items()}, tol, lam)
+    for c in checks:
+        c.name = f"{c.name} ({len(rows)} of {n} rows)"
+    return checks
 
 
 def validation_slices(run: Path, batch: int) -> tuple[torch.Tensor, int, str]:

@@ -29,7 +29,13 @@ at 20.
 onnxruntime-only copies of the transformer graphs (`export_ort`):
 
     atd.ort.onnx, mvtm_step.ort.onnx    the same function, inputs and outputs as atd.onnx / mvtm_step.onnx
-                                        (sums in another order; validated against PyTorch like them)
+                                        (sums in another order; validated against PyTorch like them), but
+                                        with a symbolic row dimension (`rows`): any number of rows
+
+The copies are exported again from the modules with torch.export's dynamic dimension for the rows (each row of
+these two steps depends on its own row only), so the onnxruntime engine can run only the rows that can still
+change: not the padding rows of a volume's last batch, not the rows whose mask came back empty (they never
+change again), and each set of identical rows once (the R copies of a slice before the first step).
 
 The standard graphs keep attention as MatMul + Softmax + MatMul on [BR, heads, 400, 400] (a 328 MB tensor
 per layer at B*R = 128), which onnxruntime's own optimizer does not fuse. These copies use onnxruntime's
@@ -60,13 +66,13 @@ from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
 from torch import nn
 
 from mimood.config import GRID, IMAGE_SIZE, RestoreConfig
-from mimood.contract import GRAPHS, IO_NAMES, atomic_write  # graph names and I/O: the contract's
+from mimood.contract import GRAPHS, IO_NAMES, ROW_GRAPHS, ROWS, atomic_write  # names and I/O: the contract's
 from mimood.export.fp16 import downstream_nodes, to_fp16
 from mimood.models.graphs import ATDGraph, DecodeScore, EncodeGraph, MVTMStep
 
 OPSET = 20
 N = GRID * GRID
-ORT_GRAPHS = ("atd", "mvtm_step")     # those with an onnxruntime-only copy (export_ort)
+ORT_GRAPHS = ROW_GRAPHS              # those with an onnxruntime-only copy (export_ort), rows symbolic
 
 
 def build_modules(vqvae: nn.Module, atd: nn.Module, mvtm: nn.Module, cfg: RestoreConfig, R: int
@@ -94,12 +100,22 @@ def example_inputs(name: str, B: int, R: int, vocab_size: int, seed: int = 0) ->
     raise ValueError(f"unknown graph {name!r}; expected one of {GRAPHS}")
 
 
-def export_onnx(name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path) -> None:
-    """Export one graph module with static shapes to `path` (written atomically) and check it."""
+def export_onnx(name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path,
+                rows: bool = False) -> None:
+    """Export one graph module with static shapes to `path` (written atomically) and check it. rows=True (the
+    row-wise steps only, for their onnxruntime-only copies): the first dimension of every input and output is
+    the symbol ROWS (torch.export's dynamic dimension), so the graph runs any number of rows."""
     names_in, names_out = IO_NAMES[name]
+    dynamic = None
+    if rows:
+        if name not in ROW_GRAPHS:
+            raise ValueError(f"{name} is not row-wise; only {ROW_GRAPHS} take any number of rows")
+        dim = torch.export.Dim(ROWS)
+        dynamic = tuple({0: dim} for _ in inputs)
     with _quiet():
         program = torch.onnx.export(module.eval(), inputs, input_names=names_in, output_names=names_out,
-                                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False)
+                                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+                                    dynamic_shapes=dynamic)
     model = program.model_proto
     onnx.checker.check_model(model, full_check=True)     # full_check: shape inference must succeed too
     buf = io.BytesIO()
@@ -222,8 +238,9 @@ class _CountInFloat(pattern.RewriteRuleClassBase):
     def check(self, context, x, axes, count, **_):
         result = pattern.MatchResult()
         dims = _const_ints(axes)
-        if x.dtype != ir.DataType.BOOL or dims is None or x.shape is None or not x.shape.is_static():
-            return result.fail("not a count of a bool tensor of known shape")
+        if x.dtype != ir.DataType.BOOL or dims is None or x.shape is None \
+                or not all(isinstance(x.shape[d], int) for d in dims):
+            return result.fail("not a count of a bool tensor over axes of known size")
         if np.prod([x.shape[d] for d in dims]) >= 2 ** 24:
             return result.fail("the count may exceed float32's exact integers")
         return result
@@ -262,6 +279,8 @@ def _quiet():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # rows=True gives every input the same dynamic dimension; the exporter says it keeps one name
+            warnings.filterwarnings("ignore", ".*The axis name: .* will not be used", UserWarning)
             yield
     finally:
         torch_log.setLevel(level)

@@ -4,7 +4,8 @@ so what can go without losing a backend's graphs is:
 
     "weights"     extra.weights: the checkpoint copies only `--backend torch` reads (it then says, in one line,
                   that the folder has no checkpoint; torch users train or export a run of their own)
-    "ort_graphs"  extra.ort_graphs: onnxruntime's fused copies (the ort backend then runs the standard graphs)
+    "ort_graphs"  extra.ort_graphs: onnxruntime's fused copies (the ort backend then runs the standard graphs),
+                  and with them the int8 copies made from them (extra.int8, `mimood-export --int8`)
 
 Every file kept is copied byte for byte, so the recorded hashes still hold; the manifest is rewritten without
 the dropped entries and checked by `Manifest.load` + `verify` before the call returns.
@@ -34,6 +35,8 @@ def slim_copy(src: str | Path, dst: str | Path, drop: Sequence[str] = ("weights"
         raise ValueError(f"{src}: not a complete export ({problems[0]})")
     for name in drop:
         setattr(manifest.extra, name, {})
+    if "ort_graphs" in drop and getattr(manifest.extra, "int8", None):     # derived from the fused copies
+        manifest.extra.int8, manifest.extra.int8_maps = {}, None
     dst.mkdir(parents=True, exist_ok=True)
     if (dst / MANIFEST_NAME).exists():                     # the previous copy's files, then the new ones
         for _, file in Manifest.load(dst).files():

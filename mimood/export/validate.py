@@ -74,3 +74,26 @@ def compare(name: str, got, want, atol: float, rtol: float = 0.0,
     return Check(name=name, passed=share <= max_mismatch_share, max_abs_err=max_err,
                  mismatch_share=share, atol=atol, rtol=rtol,
                  max_mismatch_share=max_mismatch_share)
+
+
+# -- the seed rule: maps of a sampled restoration --------------------------------------------------------------
+SEED_RULE = ("mean_abs_err", "mask_disagreement")
+
+
+def map_agreement(ref: np.ndarray, got: np.ndarray, brain: np.ndarray, threshold: float | None) -> dict[str, float]:
+    """How far maps got are from ref [S, H, W] inside brain [S, H, W]: mean |got - ref| and, with a mask
+    threshold, the share of brain voxels whose mask decision differs."""
+    d = np.abs(got - ref)[brain]
+    out = {"mean_abs_err": float(d.mean()) if d.size else 0.0}
+    if threshold is not None:
+        out["mask_disagreement"] = float(((ref[brain] > threshold) != (got[brain] > threshold)).mean()) \
+            if d.size else 0.0
+    return out
+
+
+def seed_rule(got: dict[str, float], yardstick: dict[str, float]) -> dict[str, bool]:
+    """A graph whose maps are another sample of the restoration (fp16, int8: a few draws flip, and diverge over
+    the iterations) passes when it moves the maps no more than the reference's own sampling does: each of
+    SEED_RULE that both measured is at most the yardstick's, the reference run again with another seed
+    (benchmarks/runtime_maps.py, mimood.export.quantize)."""
+    return {k: bool(got[k] <= yardstick[k]) for k in SEED_RULE if k in got and k in yardstick}

@@ -75,7 +75,7 @@ class Packer:
 def restore_batch(engine: Engine, batch: Batch, cfg: RestoreConfig, seed: int) -> Restoration:
     """Restore one full batch (padding rows included) with per-slice noise."""
     keys = [i for _, i in batch.rows] + [None] * (len(batch.images) - len(batch.rows))
-    return restore(engine, batch.images[:, None], cfg, rng=SliceNoise(keys, engine.R, seed))
+    return restore(engine, batch.images[:, None], cfg, rng=SliceNoise(keys, engine.R, seed), filled=len(batch.rows))
 
 
 def run_batch(engine: Engine, batch: Batch, cfg: RestoreConfig, seed: int) -> np.ndarray:

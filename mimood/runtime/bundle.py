@@ -19,7 +19,8 @@ from mimood.errors import InputError
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "trt", "ort", "torch")
-PRECISIONS = ("fp32", "fp16", "bf16")      # bf16: the torch backend's autocast only (no bf16 graphs)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")   # bf16: the torch backend's autocast only (no bf16 graphs);
+                                                # int8: the onnxruntime backend only (extra.int8)
 
 
 @dataclass
@@ -56,11 +57,14 @@ class Bundle:
 
     def graph(self, name: str, precision: str) -> Path:
         """The ONNX file of loop step `name` at `precision`. An fp16 export may keep a step in fp32 only (the
-        manifest says which); that step then runs in fp32, logged once."""
+        manifest says which); that step then runs in fp32, logged once. int8 is onnxruntime's alone
+        (`int8_graph`): here it is an error."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
         if precision == "bf16":
             raise ValueError("bf16 runs on the torch backend only (autocast); the export has no bf16 graphs")
+        if precision == "int8":
+            raise ValueError("int8 graphs run on the onnxruntime backend only (--backend ort)")
         found = {g["precision"]: g["file"] for key, g in self.manifest.graphs.items() if _base(key) == name}
         if precision not in found:
             if precision == "fp16" and not any(p == "fp16" for p in self.precisions()):
@@ -74,18 +78,37 @@ class Bundle:
         `manifest.extra.ort_graphs`; faster on onnxruntime's CPU provider), checked like the standard graphs;
         None when the export has none for this step."""
         g = self.manifest.extra.ort_graphs.get(name)
-        if g is None:
+        return None if g is None else self._checked(name, g, "onnxruntime graph")
+
+    def int8_graph(self, name: str) -> Path | None:
+        """The int8 copy of step `name` (`manifest.extra.int8`, `mimood-export --int8`), checked like the others;
+        None when the export has none, or when its map check failed (the record says why)."""
+        g = self.manifest.extra.int8.get(name)
+        if g is None or g.accepted is False:
             return None
+        return self._checked(name, g, "int8 graph")
+
+    def rows_symbolic(self, name: str) -> bool:
+        """Whether the onnxruntime-only copy of step `name` takes any number of rows (`expected_io(rows=True)`;
+        exports made before that have B*R)."""
+        g = self.manifest.extra.ort_graphs.get(name)
+        return g is not None and recorded_io(g.inputs, g.outputs) == expected_io(1, 1, rows=True)[name]
+
+    def _checked(self, name: str, g, what: str) -> Path:
         path = self.folder / g.file
         if not path.is_file():
-            raise InputError(path, f"onnxruntime graph for '{name}' is missing")
+            raise InputError(path, f"{what} for '{name}' is missing")
         if file_sha256(path) != g.sha256:
-            raise InputError(path, f"onnxruntime graph for '{name}' differs from the exported one (sha256 mismatch)")
-        want = expected_io(self.manifest.batch, self.manifest.R)[name]
+            raise InputError(path, f"{what} for '{name}' differs from the exported one (sha256 mismatch)")
         got = recorded_io(g.inputs, g.outputs)
-        if got != want:
-            raise InputError(path, f"graph I/O {got} does not match the loop contract {want}")
+        want = [expected_io(self.manifest.batch, self.manifest.R, rows)[name] for rows in (True, False)]
+        if got not in want:
+            raise InputError(path, f"graph I/O {got} does not match the loop contract {want[0]}")
         return path
+
+    def int8_steps(self) -> list[str]:
+        """The steps `--precision int8` runs in int8 (those with an int8 copy its map check did not turn down)."""
+        return [k for k, g in self.manifest.extra.int8.items() if g.accepted is not False]
 
     def precisions(self) -> list[str]:
         return sorted({g["precision"] for g in self.manifest.graphs.values()})

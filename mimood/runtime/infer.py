@@ -92,6 +92,10 @@ def load_engine(export_dir: str | Path | Bundle, backend: str = "auto", precisio
     reason = "asked for"
     if backend == "auto" and precision == "bf16":
         backend, reason = "torch", "bf16 is the torch backend's autocast"
+    elif backend == "auto" and precision == "int8":
+        backend, reason = "ort", "int8 graphs are onnxruntime's"
+    elif precision == "int8" and backend != "ort":
+        raise ValueError(f"int8 graphs run on the onnxruntime backend only, not {backend} (--backend ort)")
     elif backend == "auto":
         backend, reason = pick_backend(device)
     if backend == "trt":
