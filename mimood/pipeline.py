@@ -5,8 +5,7 @@ Default, no training: the bundled model (mimood/assets/model, see its MODEL_CARD
     the demo test scans (generated here: template-derived heads, 6 with painted lesions, 2 healthy)
     -> Dice of the calibrated masks against the demo lesion labels
     + real scans, when the shared test data sits beside the checkout (../shared/data): a BraTS case the bundled
-      model never saw (Dice against its expert mask), a TCGA glioma scan from another preprocessing, and a
-      chronic-stroke scan (no mask)
+      model never saw (Dice against its expert mask) and a chronic-stroke scan (no mask)
 
 With `train=True` (`mimood-demo --train`), the whole training path on the demo data instead:
 
@@ -27,7 +26,6 @@ from mimood.config import preset as make_preset
 
 # real scans for the demo, relative to the shared data folder: (scan, expert mask or None)
 DEMO_REAL = (("real/lesion/brats18_2013_20_1_t2.nii.gz", "real/lesion/brats18_2013_20_1_seg.nii.gz"),
-             ("real/lesion_algseg/tcga_du_7294_t2.nii.gz", None),
              ("real/lesion/stroke_nomask/cstar_stroke_t2.nii.gz", None))
 
 
