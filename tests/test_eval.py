@@ -31,7 +31,7 @@ from mimood.runtime.torch_backend import TorchEngine
 from mimood.train.ood_fit import OODFitConfig, fit_ood
 
 CFG = preset("tiny")
-METHODS = ("mimood", "ar", "mvtm_likelihood", "intensity")
+METHODS = ("mimood", "ar", "mvtm_likelihood", "intensity", "mimood_intensity")   # every method the tiny run can serve
 
 
 def _volume(rng, lesion: bool):
@@ -212,6 +212,7 @@ def test_cli_prints_both_tables_and_writes_the_json_contract(tiny, tmp_path):
     assert [p.rsplit("/", 1)[1] for p in s["skipped_unlabelled"]] == ["d_unlabelled.nii.gz"]
     assert s["lams"]["mimood"] == cal["lam"]
     assert s["lams"]["mvtm_likelihood"] == cal["methods"]["mvtm_likelihood"]["lam"]
+    assert s["lams"]["mimood_intensity"] == cal["methods"]["mimood_intensity"]["lam"]
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["a_lesion.png", "b_lesion.png"]
 
 
