@@ -105,6 +105,9 @@ LAM_PERCENTILE = 90.0   # default calibration rule: lambda = this percentile of 
                         # (the reasons and the measurement: mimood.eval.calibrate)
 
 
+DETECTORS = ("atd", "intensity")      # RestoreConfig.detector, Manifest.detector
+
+
 @dataclass
 class RestoreConfig:
     """The MIM-OOD restoration loop (paper 3.4) and its AR baseline."""
@@ -118,6 +121,10 @@ class RestoreConfig:
     seed: int = 0
     lam_nll: float = 6.0              # AR baseline: resample tokens whose NLL exceeds this
     threshold: float | None = None    # calibrated anomaly-score threshold for binary masks
+    # which token score decides what the loop re-samples (DETECTORS): "atd" (the paper: the ATD on
+    # the current tokens) or "intensity" (the mean intensity of each token's 8 x 8 block of the input, fixed over
+    # the T iterations; the ablation that beat the ATD on real BraTS tumours, benchmarks/results/crossfit.md)
+    detector: str = "atd"
 
 
 @dataclass

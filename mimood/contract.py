@@ -34,6 +34,8 @@ from mimood.errors import InputError
 from mimood.thresholds import check_manifest_values
 
 FORMAT_VERSION = 1
+# manifest keys added within format 1: absent in older exports, read as their default (the behaviour before them)
+ADDED_IN_FORMAT = {"detector"}
 MANIFEST_NAME = "manifest.json"
 
 
@@ -370,7 +372,7 @@ class Manifest:
     batch: int                  # slices per fixed-shape batch (graphs have static shapes)
     R: int                      # restorations in parallel
     T: int                      # restoration iterations
-    lam: float                  # ATD threshold lambda
+    lam: float                  # detector threshold lambda (ATD probability, or intensity for "intensity")
     temperature: float          # MVTM sampling temperature
     min_pool: int               # smoothing of |restoration - input|
     avg_pool: int
@@ -380,6 +382,7 @@ class Manifest:
     grid: int = GRID            # token grid side (20 -> 400 tokens)
     threshold: float | None = None     # calibrated anomaly-score threshold, None if not calibrated
     scan_score: str | None = None      # chosen scan-level OOD score (extra.ood has its files), None if none
+    detector: str = "atd"              # what picks the tokens to re-sample (config.DETECTORS; older exports: atd)
     # name -> {file, sha256, precision, inputs: {name: [shape, dtype]}, outputs: {...}}
     graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)   # graph -> checks against PyTorch
@@ -394,7 +397,7 @@ class Manifest:
         r = cfg.restore
         kw: dict[str, Any] = dict(
             preset=cfg.preset, batch=r.batch, R=r.R, T=r.T, lam=r.lam, temperature=r.temperature,
-            min_pool=r.min_pool, avg_pool=r.avg_pool, threshold=r.threshold,
+            min_pool=r.min_pool, avg_pool=r.avg_pool, threshold=r.threshold, detector=r.detector,
             data=json.loads(json.dumps(asdict(cfg.data))),   # as it reads back (tuples are lists in JSON)
             vocab_size=cfg.vqvae.num_embeddings, mask_id=cfg.vqvae.num_embeddings, grid=GRID)
         kw.update(overrides)
@@ -435,7 +438,7 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise InputError(path, f"manifest format {version!r}, this mimood reads {FORMAT_VERSION}")
         names = {f.name for f in fields(cls)}
-        unknown, missing = set(d) - names, names - set(d)
+        unknown, missing = set(d) - names, names - set(d) - ADDED_IN_FORMAT
         if unknown or missing:
             raise InputError(path, f"manifest keys do not match: unknown {sorted(unknown)}, "
                                    f"missing {sorted(missing)}")

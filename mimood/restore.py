@@ -4,6 +4,8 @@
     tokens = R copies of each slice                      [B*R, N]
     repeat T times:
         p = ATD(tokens)                                  [B*R, N]   (recomputed on the current tokens)
+            or, with cfg.detector == "intensity", the mean intensity of each token's 8 x 8 input block
+            (computed once on the host, fixed over the iterations: the same tokens are re-drawn T times)
         mask = p > lambda                                (stop early when no token is above lambda)
         tokens[mask] ~ MVTM(tokens with mask -> [MASK])  (independent draws at temperature 1)
     map = mean_R  brain * avgpool(minpool(|decode(tokens) - x|))
@@ -32,7 +34,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mimood.config import RestoreConfig
+from mimood.config import DETECTORS, GRID, RestoreConfig
+
+
+def intensity_token_scores(x: np.ndarray) -> np.ndarray:
+    """x [B, 1, H, W] -> [B, N] float32: the mean intensity of each token's pixel block (8 x 8 at 160 x 160): the
+    intensity baseline on the token grid, and the "intensity" detector. Hyperintense anomalies only (T2, FLAIR)."""
+    b, _, h, w = x.shape
+    f = h // GRID
+    return x.reshape(b, GRID, f, GRID, f).mean(axis=(2, 4)).reshape(b, GRID * GRID).astype(np.float32)
 
 
 class Engine(Protocol):
@@ -69,9 +79,15 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
     early_stop=False runs all T iterations even when no token is above lambda (benchmarks time the whole loop).
     filled: slices 0..filled-1 are real, the rest padding whose maps are thrown away (default: all real).
     """
+    if cfg.detector not in DETECTORS:
+        raise ValueError(f"unknown detector {cfg.detector!r}; expected one of {', '.join(DETECTORS)}")
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     lam = cfg.lam if lam is None else lam
-    xd = engine.put(np.ascontiguousarray(x, dtype=np.float32))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    xd = engine.put(x)
+    fixed = None                                                             # [B*R, N] input-derived scores
+    if cfg.detector == "intensity":
+        fixed = engine.put(np.repeat(intensity_token_scores(x), engine.R, axis=0))
     encoded = engine.encode(xd)                                              # [B, N]
     tokens = engine.repeat(encoded)                                          # [B*R, N]
     real = (len(x) if filled is None else filled) * engine.R                # filled rows: 0 .. real-1
@@ -80,7 +96,10 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
     masked: list[int] = []
     token_scores = None
     for _ in range(cfg.T):
-        scores = engine.detect(tokens, active) if skips else engine.detect(tokens)   # [B*R, N]
+        if fixed is not None:
+            scores = fixed
+        else:
+            scores = engine.detect(tokens, active) if skips else engine.detect(tokens)   # [B*R, N]
         if token_scores is None:
             token_scores = engine.get(scores)[:: engine.R]                  # first replica of each slice
         mask = scores > lam
@@ -94,6 +113,6 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
         tokens = engine.mvtm_step(tokens, mask, u)
     maps = engine.get(engine.decode_score(tokens, xd))
     if token_scores is None:                                                 # T == 0
-        token_scores = engine.get(engine.detect(tokens))[:: engine.R]
+        token_scores = engine.get(fixed if fixed is not None else engine.detect(tokens))[:: engine.R]
     return Restoration(maps, token_scores, masked, engine.get(tokens) if keep_tokens else None,
                        engine.get(encoded))

@@ -19,6 +19,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+from mimood.config import DETECTORS
 from mimood.errors import InputError
 
 PROBABILITY = (0.0, 1.0)
@@ -100,6 +101,8 @@ def check_manifest_values(d: dict, path: str | Path) -> dict:
     batch, temperature, min_pool, avg_pool, vocab_size, mask_id. Returns `d`. (`Manifest.load` and `.save`.)"""
     check_number(d.get("lam"), path, "lam", *LAM_RANGE["mimood"])
     check_number(d.get("threshold"), path, "threshold", *THRESHOLD_RANGE, allow_none=True)
+    if d.get("detector", "atd") not in DETECTORS:
+        raise InputError(path, f"'detector' must be one of {', '.join(DETECTORS)}, got {_show(d.get('detector'))}")
     check_number(d.get("T"), path, "T", 0, integer=True)
     for key in ("R", "batch", "min_pool", "avg_pool", "vocab_size"):
         check_number(d.get(key), path, key, 1, integer=True)

@@ -20,7 +20,7 @@ def test_export_without_validation_and_overrides(run, tmp_path):
                                   "--lam", "0.01", "--no-validate"])
     assert r.exit_code == 0, r.output
     lines = r.stdout.strip().splitlines()
-    assert lines[0] == "graphs for batch 2 x R 3 (T 5, lambda 0.01):"
+    assert lines[0] == "graphs for batch 2 x R 3 (T 5, detector atd, lambda 0.01):"
     assert [ln.split()[:3] for ln in lines[1:5]] == [
         [f"{g}.onnx", "fp32", "not"] for g in ("encode", "atd", "mvtm_step", "decode_score")]
     assert "TensorRT" in lines[5]
@@ -58,3 +58,42 @@ def test_bad_run_folder_exits_2(run, tmp_path, damage, problem):
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and problem in r.stderr
     assert r.stderr.startswith("error: ")
+
+
+def test_intensity_detector_reaches_the_manifest_and_every_backend(run, tmp_path):
+    import json
+    import shutil
+
+    import numpy as np
+
+    from mimood.data.slices import load_slice_set
+    from mimood.restore import intensity_token_scores, restore
+    from mimood.runtime.infer import load_engine
+    from test_export_graphs import LAM
+
+    own, out = tmp_path / "run", tmp_path / "exp"
+    shutil.copytree(run, own)
+    r = CliRunner().invoke(main, ["-m", str(own), "-o", str(out), "--batch", "2", "--detector", "intensity"])
+    assert r.exit_code == 2 and not out.exists()                       # not calibrated for it: one line, no folder
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "methods.mimood_intensity" in r.stderr
+    cal = json.loads((own / "calibration.json").read_text())
+    cal["methods"] = {"mimood_intensity": {"lam": 0.5, "threshold": 0.3}}
+    (own / "calibration.json").write_text(json.dumps(cal))
+    r = CliRunner().invoke(main, ["-m", str(own), "-o", str(out), "--batch", "2", "--detector", "intensity"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("graphs for batch 2 x R 2 (T 2, detector intensity, lambda 0.5):")
+    m = Manifest.load(out)
+    assert (m.detector, m.lam, m.threshold) == ("intensity", 0.5, 0.3)
+    assert m.extra.validation.lam == LAM                               # the ATD graph is still checked at its own
+    images = load_slice_set(own / "data" / "val_slices.npz").images.astype(np.float32)
+    x = images[np.argsort((images > 0).sum((1, 2)))[-2:]][:, None]     # the two slices with most brain [2,1,H,W]
+    want = 2 * int((intensity_token_scores(x) > 0.5).sum())           # R copies of the bright tokens
+    got = {}
+    for backend in ("ort", "torch"):
+        engine = load_engine(out, backend=backend)
+        cfg = engine.bundle.restore_config()
+        assert cfg.detector == "intensity"
+        got[backend] = restore(engine, x, cfg, np.random.default_rng(0), keep_tokens=True)
+        assert got[backend].masked == [want, want] and want > 0
+    assert np.mean(got["ort"].tokens == got["torch"].tokens) > 0.99
+    assert np.abs(got["ort"].maps - got["torch"].maps).mean() < 1e-3

@@ -90,6 +90,19 @@ def test_load_rejects_unknown_and_missing_keys(tmp_path):
         Manifest.load(tmp_path)
 
 
+def test_an_export_from_before_the_detector_key_reads_as_atd_and_a_bad_detector_is_refused(tmp_path):
+    m = _manifest(tmp_path)
+    m.save(tmp_path / "manifest.json")
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    del d["detector"]                                              # written before the key existed
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    assert Manifest.load(tmp_path).detector == "atd"
+    d["detector"] = "oracle"
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match=r"'detector' must be one of atd, intensity, got \"oracle\""):
+        Manifest.load(tmp_path)
+
+
 def test_atomic_write_replaces_whole_file(tmp_path):
     p = tmp_path / "f.bin"
     with atomic_write(p) as tmp:

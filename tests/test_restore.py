@@ -99,3 +99,27 @@ def test_restorations_differ_across_seeds_and_repeat_within_a_seed(engine_parts)
     d = restore(eng, x, cfg, keep_tokens=True)
     e = restore(eng, x, cfg, np.random.default_rng(cfg.seed), keep_tokens=True)
     np.testing.assert_array_equal(d.tokens, e.tokens)
+
+
+def test_intensity_detector_redraws_the_bright_blocks_every_iteration_and_nothing_else(engine_parts):
+    from mimood.restore import intensity_token_scores
+    x = engine_parts[3].copy()
+    x[0, 0, 40:80, 40:80] = 1.0                                                 # a bright square: 5 x 5 tokens
+    eng, cfg = _engine(engine_parts, T=3, R=2, detector="intensity")
+    scores = intensity_token_scores(x)                                          # [B, N] block means
+    assert scores.shape == (3, NUM_TOKENS)
+    assert scores[0].reshape(20, 20)[5:10, 5:10].min() == pytest.approx(1.0)
+    lam = 0.9                                                                   # the square, nothing else
+    r = restore(eng, x, cfg, np.random.default_rng(0), lam=lam, keep_tokens=True, early_stop=False)
+    mask = np.repeat(scores > lam, 2, axis=0)                                   # [B*R, N], fixed
+    assert mask.sum() == 2 * 25 and r.masked == [50, 50, 50]                    # the same tokens each time
+    with torch.no_grad():
+        start = eng.repeat(eng.encode(torch.from_numpy(x))).numpy()
+    assert np.array_equal(r.tokens[~mask], start[~mask])
+    np.testing.assert_array_equal(r.token_scores, scores)
+    # the ATD is never asked: a detector that would mask everything changes nothing
+    eng.detector = lambda tokens: torch.ones(tokens.shape)
+    again = restore(eng, x, cfg, np.random.default_rng(0), lam=lam, keep_tokens=True, early_stop=False)
+    np.testing.assert_array_equal(again.tokens, r.tokens)
+    with pytest.raises(ValueError, match="unknown detector"):
+        restore(eng, x, CFG.restore.__class__(detector="nope"))

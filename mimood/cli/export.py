@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mimood.cli._common import Command, common, cpu_only, fail, friendly_errors, model_option, renamed
+from mimood.config import DETECTORS
 
 
 def _summary(check: dict) -> str:
@@ -36,14 +37,17 @@ def _summary(check: dict) -> str:
 @click.option("-T", "T", type=click.IntRange(min=0), default=None,
               help="Restoration iterations.  [default: the run's]")
 @click.option("--lam", type=float, default=None,
-              help="ATD threshold lambda.  [default: <run>/calibration.json's, else the run's]")
+              help="Detector threshold lambda.  [default: <run>/calibration.json's, else the run's]")
+@click.option("--detector", type=click.Choice(DETECTORS), default=None,
+              help="What picks the tokens to re-sample: the ATD (the paper), or each token's mean input "
+                   "intensity (needs the run calibrated with mimood_intensity).  [default: the run's]")
 @click.option("--no-validate", "no_validate", is_flag=True,
               help="Skip the onnxruntime-vs-PyTorch checks (they take seconds).")
 @common(cpu=True)
 @renamed("--run", "-m/--model", "model", type=click.Path(path_type=Path))
 @renamed("--out", "-o/--output", "out", type=click.Path(path_type=Path))
 @friendly_errors
-def main(model, out, fp16, int8, batch, R, T, lam, no_validate, device, quiet):
+def main(model, out, fp16, int8, batch, R, T, lam, detector, no_validate, device, quiet):
     """Export the run's VQ-VAE, ATD and MVTM as the four graphs of the restoration loop, check each
     against PyTorch on held-out slices, and write the manifest inference reads."""
     from mimood.export.export import ValidationError, export_run
@@ -53,11 +57,11 @@ def main(model, out, fp16, int8, batch, R, T, lam, no_validate, device, quiet):
     run = require_run(model if model is not None else Path("runs/default"), "mimood-export")
     try:
         m = export_run(run, out=out, batch=batch, fp16=fp16, R=R, T=T, lam=lam, validate=not no_validate,
-                       progress=not quiet, int8=int8)
+                       progress=not quiet, int8=int8, detector=detector)
     except ValidationError as e:
         fail(f"{e} (nothing written)", 1)
     out = run / "export" if out is None else out
-    click.echo(f"graphs for batch {m.batch} x R {m.R} (T {m.T}, lambda {m.lam:g}):")
+    click.echo(f"graphs for batch {m.batch} x R {m.R} (T {m.T}, detector {m.detector}, lambda {m.lam:g}):")
     for key, g in m.graphs.items():
         checks = m.validation.get(key)
         status = "; ".join(_summary(c) for c in checks) if checks else "not validated"

@@ -21,6 +21,7 @@ from torch import nn
 
 from mimood.config import GRID
 from mimood.models.transformer import TokenTransformer
+from mimood.restore import intensity_token_scores  # noqa: F401  (with the loop: it is also its "intensity" detector)
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -114,11 +115,3 @@ class MVTMLikelihood(nn.Module):
             logp = F.log_softmax(self.mvtm(inp).float(), dim=-1)             # [BR, N, K]
             nll = torch.where(m, -logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1), nll)
         return nll
-
-
-def intensity_token_scores(x: np.ndarray) -> np.ndarray:
-    """x [B, 1, H, W] -> [B, N]: mean intensity of each token's 8 x 8 pixel block (the intensity baseline on
-    the token grid)."""
-    b, _, h, w = x.shape
-    f = h // GRID
-    return x.reshape(b, GRID, f, GRID, f).mean(axis=(2, 4)).reshape(b, GRID * GRID).astype(np.float32)

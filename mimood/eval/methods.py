@@ -15,7 +15,7 @@ so they differ only in how they pick and re-draw tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -56,38 +56,21 @@ class RestoreMethod:
     """MIM-OOD, or the MVTM-likelihood baseline when the engine's detector is `MVTMLikelihood`."""
 
     def __init__(self, name: str, engine: TorchEngine, cfg: RestoreConfig, lam: float):
-        self.name, self.engine, self.cfg, self.lam = name, engine, cfg, lam
+        self.name, self.engine, self.cfg, self.lam = name, engine, replace(cfg, detector="atd"), lam
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
         r = restore(self.engine, x, self.cfg, rng, lam=self.lam)
         return MethodOutput(r.maps, r.token_scores)
 
 
-class InputScores(torch.nn.Module):
-    """A detector that returns scores fixed per batch (set before each restore), whatever the tokens: the
-    intensity-detector ablation masks the same bright tokens in every iteration."""
-
-    def __init__(self):
-        super().__init__()
-        self.scores = torch.zeros(0)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.scores.to(tokens.device)
-
-
-class IntensityRestoreMethod:
-    """Ablation `mimood_intensity`: the ATD replaced by the intensity baseline's token score (mean intensity of
-    each 8 x 8 block), the MVTM re-samples the tokens above lambda, the map is the usual smoothed residual. Bright
-    healthy tissue (CSF) should come back as itself from its context, a tumour as healthy tissue."""
+class IntensityRestoreMethod(RestoreMethod):
+    """Ablation `mimood_intensity` (shipped in the bundled model): the loop with detector "intensity", the mean
+    intensity of each 8 x 8 block instead of the ATD; the MVTM re-samples the tokens above lambda, the map is the
+    usual smoothed residual. Bright healthy tissue (CSF) should come back as itself from its context, a tumour
+    as healthy tissue."""
 
     def __init__(self, engine: TorchEngine, cfg: RestoreConfig, lam: float):
-        self.name, self.engine, self.cfg, self.lam = "mimood_intensity", engine, cfg, lam
-
-    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
-        scores = intensity_token_scores(x)                                       # [B, N]
-        self.engine.detector.scores = torch.from_numpy(np.repeat(scores, self.engine.R, axis=0))
-        r = restore(self.engine, x, self.cfg, rng, lam=self.lam)
-        return MethodOutput(r.maps, scores)
+        super().__init__("mimood_intensity", engine, replace(cfg, detector="intensity"), lam)
 
 
 class ARMethod:
@@ -150,7 +133,7 @@ def build_methods(models: dict, names, cfg: RestoreConfig, lams: dict[str, float
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     out: dict[str, Method] = {}
     engine = None
-    if any(n in ("mimood", "ar") for n in names):          # the run's own ATD engine
+    if any(n in ("mimood", "ar", "mimood_intensity") for n in names):     # the run's own ATD engine
         engine = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg)
     for n in names:
         if n == "mimood":
@@ -171,8 +154,7 @@ def build_methods(models: dict, names, cfg: RestoreConfig, lams: dict[str, float
         elif n == "ar":
             out[n] = ARMethod(engine, models["ar"], lams[n])
         elif n == "mimood_intensity":
-            fixed = TorchEngine(models["vqvae"], models["atd"], models["mvtm"], cfg, detector=InputScores())
-            out[n] = IntensityRestoreMethod(fixed, cfg, lams[n])
+            out[n] = IntensityRestoreMethod(engine, cfg, lams[n])
         else:
             out[n] = IntensityMethod()
     return out

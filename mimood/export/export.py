@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 import torch
 
-from mimood.config import RunConfig
+from mimood.config import DETECTORS, RunConfig
 from mimood.contract import (MANIFEST_NAME, ExportValidation, FileRecord, GraphRecord, Manifest, OODRecord,
                              OrtGraphRecord, atomic_write, expected_io, file_sha256, graph_io, recorded_io)
 from mimood.data.slices import load_slice_set
@@ -121,11 +121,15 @@ TOLERANCES = {
 
 def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, fp16: bool = False,
                R: int | None = None, T: int | None = None, lam: float | None = None, validate: bool = True,
-               build_engines: bool = True, progress: bool = True, int8: bool = False) -> Manifest:
+               build_engines: bool = True, progress: bool = True, int8: bool = False,
+               detector: str | None = None) -> Manifest:
     """Export the run's best VQ-VAE, ATD and MVTM as the four loop graphs for batches of `batch` slices and
     R restorations (default: the run's config), validate them, and return the manifest written to `out`.
 
-    lam: the ATD threshold (default: `<run>/calibration.json`'s, else the config's). T: iterations (the
+    lam: the detector threshold (default: `<run>/calibration.json`'s, else the config's). detector: what picks
+    the tokens to re-sample at run time (config.DETECTORS; default the run's `restore.detector`); "intensity"
+    takes its lambda and voxel threshold from the calibration's `mimood_intensity` entry, and the graphs are
+    still checked at the ATD's lambda (the ATD graph stays in the folder). T: iterations (the
     graphs do not depend on it; it is recorded for inference). Raises `InputError` for a bad run folder and
     `ValidationError` when a graph fails its check (nothing is written then).
     """
@@ -134,11 +138,18 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
     cfg = _load_config(run)
     r = cfg.restore
     R, T = r.R if R is None else R, r.T if T is None else T
-    calibration = _load_calibration(run)
+    detector = r.detector if detector is None else detector
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}")
+    calibration = _load_calibration(run, detector)
+    if detector != "atd" and lam is None and "lam" not in calibration:
+        raise InputError(run / "calibration.json", f"the {detector} detector needs a calibrated lambda: calibrate "
+                                                   f"the run with the mimood_{detector} method, or give --lam")
     where = "--lam" if lam is not None else run / ("calibration.json" if "lam" in calibration else "config.json")
     lam = check_number(lam if lam is not None else calibration.get("lam", r.lam), where, "lam",
                        *LAM_RANGE["mimood"])                 # NaN or a string: refused before any graph is made
     threshold = calibration.get("threshold", r.threshold)
+    graph_lam = lam if detector == "atd" else calibration.get("atd_lam", r.lam)   # the ATD graph's checks
     if batch < 1 or R < 1 or T < 0:
         raise ValueError(f"need batch >= 1, R >= 1 and T >= 0 (got batch {batch}, R {R}, T {T})")
     _check_out(out)
@@ -158,10 +169,10 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
             if validate:
                 raise
         if x is not None:
-            feeds, want = reference_io(modules, x, R, lam)
+            feeds, want = reference_io(modules, x, R, graph_lam)
 
     manifest = Manifest.from_config(cfg, batch=batch, R=R, T=T, lam=float(lam), threshold=threshold,
-                                    vocab_size=K, mask_id=K)
+                                    vocab_size=K, mask_id=K, detector=detector)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -198,9 +209,9 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
                     manifest.extra.int8[name] = int8_record(name, tmp / f"{name}.ort.onnx", path, quantised, what)
                 if validate:
                     tol = TOLERANCES[precision if precision in ("fp16", "int8") else "fp32"]  # ort computes in fp32
-                    checks = check_graph(name, path, feeds[name], want[name], tol, lam)
+                    checks = check_graph(name, path, feeds[name], want[name], tol, graph_lam)
                     if precision in ("ort", "int8"):
-                        checks += check_rows(name, path, feeds[name], want[name], tol, lam)
+                        checks += check_rows(name, path, feeds[name], want[name], tol, graph_lam)
                     manifest.validation[key] = [asdict(c) for c in checks]
                     failed = [str(c) for c in checks if not c.passed]
                     if failed and precision == "fp16" and any(np.isnan(c.max_abs_err) for c in checks):
@@ -214,7 +225,7 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
                         raise ValidationError(f"{path.name} does not match PyTorch: {'; '.join(failed)}")
         if validate:
             manifest.extra.validation = ExportValidation(
-                source=source, slices=batch, blob_slices=n_blob, lam=float(lam),
+                source=source, slices=batch, blob_slices=n_blob, lam=float(graph_lam),
                 forced_mask=FORCED_MASK, mask_share=float(feeds["mvtm_step"]["mask"].mean()),
                 seed=SEED, runtime="onnxruntime CPUExecutionProvider",
                 tolerances={p: asdict(t) for p, t in TOLERANCES.items() if p in precisions})
@@ -451,12 +462,21 @@ def _load_config(run: Path) -> RunConfig:
         raise InputError(path, f"not a valid run config ({e})") from None
 
 
-def _load_calibration(run: Path) -> dict:
-    """`<run>/calibration.json`'s checked {"lam", "threshold"} when the run was calibrated (mimood.thresholds),
-    else {}."""
-    cal = read_calibration(run / "calibration.json")
-    return {} if cal is None else {"lam": float(cal["lam"]),
-                                   "threshold": None if cal["threshold"] is None else float(cal["threshold"])}
+def _load_calibration(run: Path, detector: str = "atd") -> dict:
+    """`<run>/calibration.json`'s checked {"lam", "threshold"} for the detector when the run was calibrated
+    (mimood.thresholds; a non-ATD detector reads its `methods.mimood_<detector>` entry and keeps the ATD's lambda
+    as "atd_lam"), else {}."""
+    path = run / "calibration.json"
+    cal = read_calibration(path)
+    if cal is None:
+        return {}
+    entry = cal if detector == "atd" else cal.get("methods", {}).get(f"mimood_{detector}")
+    if entry is None:
+        raise InputError(path, f"has no 'methods.mimood_{detector}' entry: calibrate the run with the "
+                               f"mimood_{detector} method for the {detector} detector")
+    threshold = entry.get("threshold")
+    return {"lam": float(entry["lam"]), "threshold": None if threshold is None else float(threshold),
+            "atd_lam": float(cal["lam"])}
 
 
 def _load_checkpoint(run: Path, kind: str, cfg: RunConfig | None = None):

@@ -126,7 +126,7 @@ class Bundle:
     def restore_config(self) -> RestoreConfig:
         m = self.manifest
         return RestoreConfig(lam=m.lam, T=m.T, R=m.R, temperature=m.temperature, min_pool=m.min_pool,
-                             avg_pool=m.avg_pool, batch=m.batch, threshold=m.threshold)
+                             avg_pool=m.avg_pool, batch=m.batch, threshold=m.threshold, detector=m.detector)
 
     def data_config(self) -> DataConfig:
         return from_dict(DataConfig, self.manifest.data)

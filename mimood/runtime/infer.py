@@ -255,8 +255,8 @@ class InferJob:
                      "modality": self.data_cfg.modality, "min_component_ml": w.min_ml,
                      "backend_used": self.engine.detail, "backend_reason": self.engine.reason,
                      "manifest_sha256": self.bundle.sha256,
-                     "manifest": {k: getattr(m, k) for k in ("preset", "batch", "R", "T", "lam", "threshold",
-                                                             "scan_score", "created", "versions")},
+                     "manifest": {k: getattr(m, k) for k in ("preset", "batch", "R", "T", "detector", "lam",
+                                                             "threshold", "scan_score", "created", "versions")},
                      "reference": None if self.reference is None else self.reference.summary(),
                      "versions": current_versions(), "started": self.started, "finished": None,
                      "notes": self.notes, "scans": self.scans}
