@@ -36,12 +36,13 @@ for stage in $stages; do
       $py -m mimood.cli.train $s --preset real --run "$run" --data "$work/synth_train" --data "$work/brats" \
           --source-weights 0.2,0.8 --reference "$work/synth_ref" --bf16 --resume
     done ;;
-  calibrate)
-    $py -c "import sys; from mimood.eval.calibrate import calibrate; calibrate(sys.argv[1], methods=('mimood',), slice_stride=4)" "$run" ;;
+  calibrate)   # lambda and threshold of the shipped detector, "intensity" (it beat the ATD in cross-fit: benchmarks/results/crossfit.md)
+    $py -c "import sys; from mimood.eval.calibrate import calibrate; calibrate(sys.argv[1], methods=('mimood', 'mimood_intensity'), slice_stride=4)" "$run" ;;
   export)
-    $py -m mimood.cli.export -m "$run" -o "$work/export"
-    # the shipped copy leaves out the torch backend's checkpoints and onnxruntime's fused copies (<= 10 MB)
-    $py -c "import sys; from mimood.export.slim import slim_copy; print(slim_copy(*sys.argv[1:3], ('weights', 'ort_graphs')), 'bytes in', sys.argv[2])" "$work/export" "$out" ;;
+    $py -m mimood.cli.export -m "$run" -o "$work/export" --detector intensity
+    # the shipped copy leaves out the torch backend's checkpoints and the ATD's fused copy (the intensity
+    # detector never runs the ATD); it keeps the MVTM step's fused, row-skipping copy (<= 10 MB)
+    $py -c "import sys; from mimood.export.slim import slim_copy; print(slim_copy(*sys.argv[1:3], ('weights', 'ort_graphs.atd')), 'bytes in', sys.argv[2])" "$work/export" "$out" ;;
   *) echo "bundle.sh: unknown stage $stage (data, train, calibrate, export)" >&2; exit 2 ;;
   esac
 done

@@ -1,5 +1,7 @@
 """The bundled model (mimood/assets/model) ships with the package: it loads, its manifest and hashes check out,
 it stays under 10 MB, and it maps a small volume without any training."""
+import json
+
 import nibabel as nib
 import numpy as np
 
@@ -17,6 +19,9 @@ def test_the_bundled_model_is_complete_small_and_calibrated():
     m = Manifest.load(BUNDLED)
     assert m.verify(BUNDLED) == [] and m.threshold is not None and 0 < m.lam < 1
     assert m.scan_score and m.extra.ood is not None and m.extra.ood.reference["n"] >= 20   # z-scores allowed
+    # the shipped detector is the one that beat the ATD in cross-fit; its loop never runs the ATD, so the ATD's
+    # fused copy is left out and the MVTM step's fused, row-skipping copy is kept
+    assert m.detector == "intensity" and sorted(m.extra.ort_graphs) == ["mvtm_step"]
     lines = []
     assert resolve_model(None, say=lines.append).export == BUNDLED and len(lines) == 1
     Bundle.open(BUNDLED)
@@ -29,6 +34,8 @@ def test_the_bundled_model_maps_a_small_volume(tmp_path, monkeypatch):
     img = synthetic_scan(shape=(80, 96, 8), seed=1)
     nib.save(img, scans / "small.nii.gz")
     report = infer_folder(scans, tmp_path / "maps", resolve_model(None).export, backend="ort", progress=False)
+    assert "fused attention: mvtm_step" in report.backend and "rows:" in report.backend
+    assert json.loads(report.provenance.read_text())["manifest"]["detector"] == "intensity"
     out = nib.load(tmp_path / "maps" / "small.nii.gz")
     m = np.asarray(out.dataobj)
     assert out.shape == img.shape and np.allclose(out.affine, img.affine)

@@ -37,9 +37,14 @@ def test_slim_copy_drops_the_checkpoints_keeps_the_graphs_and_other_files(export
     assert nbytes < full_bytes
     slim_copy(full, slim, drop=("weights", "ort_graphs"))            # again, smaller: old files replaced
     assert not list(slim.glob("*.ort.onnx")) and Manifest.load(slim).verify(slim) == []
+    slim_copy(full, slim, drop=("weights", "ort_graphs.atd"))      # one step's fused copy
+    assert sorted(Manifest.load(slim).extra.ort_graphs) == ["mvtm_step"] and not (slim / "atd.ort.onnx").exists()
+    assert Manifest.load(slim).verify(slim) == []
     slim_copy(full, slim, drop=("weights",))
     with pytest.raises(ValueError, match="only"):
         slim_copy(full, slim, drop=("graphs",))
+    with pytest.raises(ValueError, match="only"):
+        slim_copy(full, slim, drop=("ort_graphs.encode",))
 
 
 def test_the_slim_copy_maps_a_scan_like_the_full_export_and_torch_says_why_not(exports):

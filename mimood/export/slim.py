@@ -6,6 +6,9 @@ so what can go without losing a backend's graphs is:
                   that the folder has no checkpoint; torch users train or export a run of their own)
     "ort_graphs"  extra.ort_graphs: onnxruntime's fused copies (the ort backend then runs the standard graphs),
                   and with them the int8 copies made from them (extra.int8, `mimood-export --int8`)
+    "ort_graphs.<step>"  one step's fused (and int8) copy, e.g. "ort_graphs.atd" for an export whose detector is
+                  "intensity" (its loop never runs the ATD; the bundled model keeps the MVTM step's fused,
+                  row-skipping copy that way and stays under 10 MB)
 
 Every file kept is copied byte for byte, so the recorded hashes still hold; the manifest is rewritten without
 the dropped entries and checked by `Manifest.load` + `verify` before the call returns.
@@ -16,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from mimood.contract import MANIFEST_NAME, Manifest
+from mimood.contract import MANIFEST_NAME, ROW_GRAPHS, Manifest
 
 DROPPABLE = ("weights", "ort_graphs")
 
@@ -26,15 +29,21 @@ def slim_copy(src: str | Path, dst: str | Path, drop: Sequence[str] = ("weights"
     files the new manifest names (manifest included). Files in `dst` that an old manifest there named are
     replaced; other files in `dst` (a model card, notices) are left alone."""
     src, dst = Path(src), Path(dst)
-    bad = [d for d in drop if d not in DROPPABLE]
+    bad = [d for d in drop if d not in DROPPABLE and not (d.startswith("ort_graphs.") and d[11:] in ROW_GRAPHS)]
     if bad:
-        raise ValueError(f"cannot drop {bad}: only {DROPPABLE}")
+        raise ValueError(f"cannot drop {bad}: only {DROPPABLE} or ort_graphs.<{'|'.join(ROW_GRAPHS)}>")
     manifest = Manifest.load(src)
     problems = manifest.verify(src)
     if problems:
         raise ValueError(f"{src}: not a complete export ({problems[0]})")
     for name in drop:
-        setattr(manifest.extra, name, {})
+        if name.startswith("ort_graphs."):
+            step = name[11:]
+            manifest.extra.ort_graphs.pop(step, None)
+            if getattr(manifest.extra, "int8", None):
+                manifest.extra.int8.pop(step, None)
+        else:
+            setattr(manifest.extra, name, {})
     if "ort_graphs" in drop and getattr(manifest.extra, "int8", None):     # derived from the fused copies
         manifest.extra.int8, manifest.extra.int8_maps = {}, None
     dst.mkdir(parents=True, exist_ok=True)
