@@ -333,3 +333,19 @@ def _healthy_token_scores(run, model):
         scores = torch.sigmoid(load_model(run / model / "best.safetensors")[0](tokens)).numpy()
     brain = torch.nn.functional.max_pool2d((images > 0).float(), 8).flatten(1).numpy() > 0
     return scores, brain
+
+
+def test_the_intensity_ablation_restores_with_the_intensity_detector_and_mimood_with_the_atd(tiny):
+    from dataclasses import replace
+
+    from mimood.eval.methods import build_methods, load_models
+    from mimood.restore import intensity_token_scores
+
+    run, _ = tiny
+    names = ["mimood", "mimood_intensity"]
+    methods = build_methods(load_models(run, names), names, replace(CFG.restore, T=1), {n: 0.3 for n in names})
+    assert [methods[n].cfg.detector for n in names] == ["atd", "intensity"]
+    x = np.load(run / "data" / "val_slices.npz")["images"][:4].astype(np.float32)[:, None]   # [4, 1, H, W]
+    out = {n: methods[n](x, np.random.default_rng(0)) for n in names}
+    np.testing.assert_array_equal(out["mimood_intensity"].token_scores, intensity_token_scores(x))
+    assert not np.allclose(out["mimood"].token_scores, intensity_token_scores(x))       # the ATD's probabilities

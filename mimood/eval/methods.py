@@ -55,8 +55,8 @@ class Method(Protocol):
 class RestoreMethod:
     """MIM-OOD, or the MVTM-likelihood baseline when the engine's detector is `MVTMLikelihood`."""
 
-    def __init__(self, name: str, engine: TorchEngine, cfg: RestoreConfig, lam: float):
-        self.name, self.engine, self.cfg, self.lam = name, engine, replace(cfg, detector="atd"), lam
+    def __init__(self, name: str, engine: TorchEngine, cfg: RestoreConfig, lam: float, detector: str = "atd"):
+        self.name, self.engine, self.cfg, self.lam = name, engine, replace(cfg, detector=detector), lam
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
         r = restore(self.engine, x, self.cfg, rng, lam=self.lam)
@@ -70,7 +70,7 @@ class IntensityRestoreMethod(RestoreMethod):
     as healthy tissue."""
 
     def __init__(self, engine: TorchEngine, cfg: RestoreConfig, lam: float):
-        super().__init__("mimood_intensity", engine, replace(cfg, detector="intensity"), lam)
+        super().__init__("mimood_intensity", engine, cfg, lam, detector="intensity")
 
 
 class ARMethod:
