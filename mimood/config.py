@@ -125,6 +125,10 @@ class RestoreConfig:
     # the current tokens) or "intensity" (the mean intensity of each token's 8 x 8 block of the input, fixed over
     # the T iterations; the ablation that beat the ATD on real BraTS tumours, benchmarks/results/crossfit.md)
     detector: str = "atd"
+    # "intensity" only: lambda per scan = min(lam, this percentile of the scan's own brain-token intensity scores)
+    # (`mimood.restore.scan_lambda`), so at least that share of every scan's brain tokens is re-sampled whatever
+    # its intensity scale (another site or preprocessing); None: lam for every scan
+    lam_scan_percentile: float | None = None
 
 
 @dataclass

@@ -45,6 +45,20 @@ def intensity_token_scores(x: np.ndarray) -> np.ndarray:
     return x.reshape(b, GRID, f, GRID, f).mean(axis=(2, 4)).reshape(b, GRID * GRID).astype(np.float32)
 
 
+def scan_lambda(images: np.ndarray, cfg: RestoreConfig, lam: float | None = None) -> float:
+    """The detector threshold for the slices images [S, H, W] of one scan: lam (default cfg.lam), or with the
+    intensity detector and cfg.lam_scan_percentile = q, min(lam, P_q of the scan's brain-token intensity scores)
+    (brain tokens: those with a brain pixel, as calibration counts them)."""
+    lam = float(cfg.lam if lam is None else lam)
+    if cfg.detector != "intensity" or cfg.lam_scan_percentile is None:
+        return lam
+    x = np.asarray(images, dtype=np.float32)[:, None]                        # [S, 1, H, W]
+    brain = intensity_token_scores((x > 0).astype(np.float32)) > 0           # [S, N]
+    if not brain.any():
+        return lam
+    return min(lam, float(np.percentile(intensity_token_scores(x)[brain], cfg.lam_scan_percentile)))
+
+
 class Engine(Protocol):
     """What a backend provides. Arrays are the engine's own (numpy, torch CPU/CUDA)."""
     name: str
@@ -75,7 +89,8 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
             filled: int | None = None) -> Restoration:
     """Restore a batch x [B,1,H,W] float32 (values in [0,1], background 0) and return its anomaly maps.
 
-    lam overrides cfg.lam (the detector threshold). rng draws the sampling noise (default: seeded by cfg.seed).
+    lam overrides cfg.lam (the detector threshold): a number, or one per slice [B] (`scan_lambda` of each slice's
+    scan). rng draws the sampling noise (default: seeded by cfg.seed).
     early_stop=False runs all T iterations even when no token is above lambda (benchmarks time the whole loop).
     filled: slices 0..filled-1 are real, the rest padding whose maps are thrown away (default: all real).
     """
@@ -83,6 +98,8 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
         raise ValueError(f"unknown detector {cfg.detector!r}; expected one of {', '.join(DETECTORS)}")
     rng = np.random.default_rng(cfg.seed) if rng is None else rng
     lam = cfg.lam if lam is None else lam
+    if np.ndim(lam):                                                         # per slice [B] -> rows [B*R, 1]
+        lam = engine.put(np.repeat(np.asarray(lam, dtype=np.float32), engine.R)[:, None])
     x = np.ascontiguousarray(x, dtype=np.float32)
     xd = engine.put(x)
     fixed = None                                                             # [B*R, N] input-derived scores

@@ -103,6 +103,7 @@ def check_manifest_values(d: dict, path: str | Path) -> dict:
     check_number(d.get("threshold"), path, "threshold", *THRESHOLD_RANGE, allow_none=True)
     if d.get("detector", "atd") not in DETECTORS:
         raise InputError(path, f"'detector' must be one of {', '.join(DETECTORS)}, got {_show(d.get('detector'))}")
+    check_number(d.get("lam_scan_percentile"), path, "lam_scan_percentile", 0, 100, allow_none=True, low_open=True)
     check_number(d.get("T"), path, "T", 0, integer=True)
     for key in ("R", "batch", "min_pool", "avg_pool", "vocab_size"):
         check_number(d.get(key), path, key, 1, integer=True)

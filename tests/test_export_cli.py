@@ -97,3 +97,47 @@ def test_intensity_detector_reaches_the_manifest_and_every_backend(run, tmp_path
         assert got[backend].masked == [want, want] and want > 0
     assert np.mean(got["ort"].tokens == got["torch"].tokens) > 0.99
     assert np.abs(got["ort"].maps - got["torch"].maps).mean() < 1e-3
+
+
+def test_per_scan_lambda_reaches_the_manifest_and_packing_keeps_each_scan_its_own(run, tmp_path):
+    import json
+    import shutil
+    from dataclasses import replace
+
+    import numpy as np
+
+    from mimood.data.slices import load_slice_set
+    from mimood.restore import scan_lambda
+    from mimood.runtime.batching import Packer, infer_slices, run_batch
+    from mimood.runtime.infer import load_engine
+
+    own, out = tmp_path / "run", tmp_path / "exp"
+    shutil.copytree(run, own)
+    cal = json.loads((own / "calibration.json").read_text())
+    cal["methods"] = {"mimood_intensity": {"lam": 0.9, "threshold": 0.3, "lam_scan_percentile": 90.0}}
+    (own / "calibration.json").write_text(json.dumps(cal))
+    r = CliRunner().invoke(main, ["-m", str(own), "-o", str(out), "--batch", "4", "--detector", "intensity",
+                                  "--no-validate"])
+    assert r.exit_code == 0, r.output
+    m = Manifest.load(out)
+    assert (m.detector, m.lam, m.lam_scan_percentile) == ("intensity", 0.9, 90.0)
+    engine = load_engine(out, backend="ort")
+    cfg = engine.bundle.restore_config()
+    assert cfg.lam_scan_percentile == 90.0
+    images = load_slice_set(own / "data" / "val_slices.npz").images.astype(np.float32)
+    a = images[np.argsort((images > 0).sum((1, 2)))[-3:]]                     # one scan: 3 slices
+    b = (a * 0.6).astype(np.float32)                                          # another scan, darker: lower lambda
+    la, lb = scan_lambda(a, cfg), scan_lambda(b, cfg)
+    assert lb < la < 0.9
+    alone = {k: infer_slices(engine, v, cfg) for k, v in (("a", a), ("b", b))}
+    packer = Packer(engine.batch)                                             # both scans in the same batches
+    packer.add("a", a, la)
+    packer.add("b", b, lb)
+    mixed = {"a": np.zeros_like(a), "b": np.zeros_like(b)}
+    for batch in packer.flush():
+        assert batch.lams is not None and np.isinf(batch.lams[len(batch.rows):]).all()
+        for (k, i), mp in zip(batch.rows, run_batch(engine, batch, cfg, 0)):
+            mixed[k][i] = mp
+    for k in ("a", "b"):
+        np.testing.assert_allclose(mixed[k], alone[k], atol=1e-5)
+    assert np.abs(alone["b"] - infer_slices(engine, b, replace(cfg, lam_scan_percentile=None))).max() > 1e-3

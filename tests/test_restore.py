@@ -123,3 +123,25 @@ def test_intensity_detector_redraws_the_bright_blocks_every_iteration_and_nothin
     np.testing.assert_array_equal(again.tokens, r.tokens)
     with pytest.raises(ValueError, match="unknown detector"):
         restore(eng, x, CFG.restore.__class__(detector="nope"))
+
+
+def test_per_slice_lambdas_and_the_per_scan_rule(engine_parts):
+    from dataclasses import replace
+
+    from mimood.restore import intensity_token_scores, scan_lambda
+    x = engine_parts[3].copy()
+    eng, cfg = _engine(engine_parts, T=1, R=2, detector="intensity")
+    scores = intensity_token_scores(x)                                          # [3, N]
+    lams = np.array([np.quantile(scores[b], q) for b, q in enumerate((0.5, 0.9, 1.0))], dtype=np.float32)
+    r = restore(eng, x, cfg, np.random.default_rng(0), lam=lams)
+    assert r.masked == [2 * int(sum((scores[b] > lams[b]).sum() for b in range(3)))]
+    # the rule: min(lam, P_q of the scan's brain tokens); brain tokens are those with a brain pixel
+    images = x[:, 0]
+    brain = intensity_token_scores((x > 0).astype(np.float32)) > 0
+    q90 = float(np.percentile(scores[brain], 90))
+    rule = replace(cfg, lam_scan_percentile=90.0)
+    assert scan_lambda(images, rule, lam=1.0) == pytest.approx(q90)             # the scan's own P90 is lower
+    assert scan_lambda(images, rule, lam=0.1) == 0.1                            # never above the calibrated lam
+    assert scan_lambda(images, cfg, lam=1.0) == 1.0                             # no percentile: lam
+    assert scan_lambda(images, replace(rule, detector="atd"), lam=1.0) == 1.0   # the ATD: lam
+    assert scan_lambda(np.zeros_like(images), rule, lam=0.7) == 0.7             # no brain: lam

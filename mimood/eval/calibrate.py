@@ -164,17 +164,25 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
     for name, method in build_methods(models, methods, cfg, lams, mvtm_stride).items():
         rng = np.random.default_rng(cfg.seed)
         values = []
-        for i in tqdm(range(0, len(rows), cfg.batch), desc=f"calibrate {name}", unit="batch", leave=False,
-                      disable=not progress):
-            r = rows[i:i + cfg.batch]
-            out = method(images[r][:, None], rng)
-            values.append(out.maps[brain[r]])
+        per_scan = cfg.lam_scan_percentile is not None and hasattr(method, "begin_scan")
+        for v in (np.unique(val.case) if per_scan else [None]):      # per volume: each its own lambda
+            own = rows if v is None else rows[val.case[rows] == v]
+            if v is not None:
+                method.begin_scan(images[val.case == v])
+            for i in tqdm(range(0, len(own), cfg.batch), desc=f"calibrate {name}", unit="batch", leave=False,
+                          disable=not progress):
+                r = own[i:i + cfg.batch]
+                out = method(images[r][:, None], rng)
+                values.append(out.maps[brain[r]])
         values = np.concatenate(values)
         threshold = float(np.percentile(values, voxel_percentile))
         entry = {"threshold": threshold, "flagged_share": float(np.mean(values >= threshold)),
                  "threshold_rule": f"P{voxel_percentile:g} of healthy brain-pixel anomaly scores"}
         if method.lam is not None:
             entry = {"lam": float(method.lam), "lam_rule": rules[name], **entry}
+            if per_scan and method.cfg.detector == "intensity":
+                entry["lam_scan_percentile"] = float(cfg.lam_scan_percentile)
+                entry["lam_rule"] += f"; per scan min(lam, P{cfg.lam_scan_percentile:g} of its brain tokens)"
             if name in token_scores:
                 entry["healthy_token_share_above_lam"] = float(
                     np.mean(token_scores[name][brain_tokens] > method.lam))

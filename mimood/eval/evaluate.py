@@ -141,6 +141,8 @@ def evaluate(run: str | Path, data: str | Path, cfg: RestoreConfig | None = None
         r = CaseResult(case.name, s, rows, tokens)
         for name, method in runners.items():
             rng = np.random.default_rng([cfg.seed, ci])                     # a case's draws do not depend on others
+            if hasattr(method, "begin_scan"):                               # its lambda, from the whole scan
+                method.begin_scan(s.images)
             maps, scores = [], []
             t0 = time.perf_counter()
             for i in range(0, len(x), cfg.batch):

@@ -28,7 +28,7 @@ import torch
 
 from mimood.models.graphs import ATDGraph, smooth_residual
 from mimood.models.checkpoint import load_model
-from mimood.restore import restore
+from mimood.restore import restore, scan_lambda
 from mimood.runtime.torch_backend import TorchEngine
 
 METHODS = ("mimood", "mimood_paper", "ar", "mvtm_likelihood", "token_critic", "intensity", "dae",
@@ -57,9 +57,15 @@ class RestoreMethod:
 
     def __init__(self, name: str, engine: TorchEngine, cfg: RestoreConfig, lam: float, detector: str = "atd"):
         self.name, self.engine, self.cfg, self.lam = name, engine, replace(cfg, detector=detector), lam
+        self.scan_lam: float | None = None
+
+    def begin_scan(self, images: np.ndarray) -> None:
+        """The next calls restore slices of the scan whose slices are images [S, H, W]: its own lambda, as the
+        runtime gives it (`scan_lambda`; lam itself unless cfg.lam_scan_percentile is set)."""
+        self.scan_lam = scan_lambda(images, self.cfg, self.lam)
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> MethodOutput:
-        r = restore(self.engine, x, self.cfg, rng, lam=self.lam)
+        r = restore(self.engine, x, self.cfg, rng, lam=self.lam if self.scan_lam is None else self.scan_lam)
         return MethodOutput(r.maps, r.token_scores)
 
 

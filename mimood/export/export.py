@@ -172,7 +172,9 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
             feeds, want = reference_io(modules, x, R, graph_lam)
 
     manifest = Manifest.from_config(cfg, batch=batch, R=R, T=T, lam=float(lam), threshold=threshold,
-                                    vocab_size=K, mask_id=K, detector=detector)
+                                    vocab_size=K, mask_id=K, detector=detector,
+                                    lam_scan_percentile=calibration.get("lam_scan_percentile")
+                                    if detector != "atd" else None)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -476,7 +478,7 @@ def _load_calibration(run: Path, detector: str = "atd") -> dict:
                                f"mimood_{detector} method for the {detector} detector")
     threshold = entry.get("threshold")
     return {"lam": float(entry["lam"]), "threshold": None if threshold is None else float(threshold),
-            "atd_lam": float(cal["lam"])}
+            "atd_lam": float(cal["lam"]), "lam_scan_percentile": entry.get("lam_scan_percentile")}
 
 
 def _load_checkpoint(run: Path, kind: str, cfg: RunConfig | None = None):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mimood.config import RestoreConfig
-from mimood.restore import Engine, Restoration, restore
+from mimood.restore import Engine, Restoration, restore, scan_lambda
 
 
 class SliceNoise:
@@ -44,6 +44,7 @@ class SliceNoise:
 class Batch:
     images: np.ndarray                    # [B, H, W] float32, rows after len(rows) are padding (zeros)
     rows: list[tuple[Hashable, int]]      # (scan key, slice index in that scan) of each filled row
+    lams: np.ndarray | None = None        # [B] float32 detector threshold of each row's scan (None: the config's)
 
 
 class Packer:
@@ -51,10 +52,11 @@ class Packer:
 
     def __init__(self, batch: int):
         self.batch = batch
-        self.queue: deque[tuple[Hashable, int, np.ndarray]] = deque()
+        self.queue: deque[tuple[Hashable, int, np.ndarray, float | None]] = deque()
 
-    def add(self, key: Hashable, images: np.ndarray) -> None:
-        self.queue.extend((key, i, img) for i, img in enumerate(images))
+    def add(self, key: Hashable, images: np.ndarray, lam: float | None = None) -> None:
+        """Queue a scan's slices; lam: its own detector threshold (`scan_lambda`), None for the config's."""
+        self.queue.extend((key, i, img, lam) for i, img in enumerate(images))
 
     def full(self) -> Iterator[Batch]:
         while len(self.queue) >= self.batch:
@@ -68,14 +70,20 @@ class Packer:
     def _take(self, n: int) -> Batch:
         items = [self.queue.popleft() for _ in range(n)]
         images = np.zeros((self.batch,) + items[0][2].shape, dtype=np.float32)   # [B, H, W]
-        images[:n] = [img for _, _, img in items]
-        return Batch(images, [(key, i) for key, i, _ in items])
+        images[:n] = [img for _, _, img, _ in items]
+        lams = None
+        if any(lam is not None for *_, lam in items):          # padding rows: inf, nothing is re-sampled there
+            lams = np.full(self.batch, np.inf, dtype=np.float32)
+            lams[:n] = [np.nan if lam is None else lam for *_, lam in items]
+        return Batch(images, [(key, i) for key, i, _, _ in items], lams)
 
 
 def restore_batch(engine: Engine, batch: Batch, cfg: RestoreConfig, seed: int) -> Restoration:
     """Restore one full batch (padding rows included) with per-slice noise."""
     keys = [i for _, i in batch.rows] + [None] * (len(batch.images) - len(batch.rows))
-    return restore(engine, batch.images[:, None], cfg, rng=SliceNoise(keys, engine.R, seed), filled=len(batch.rows))
+    lams = None if batch.lams is None else np.where(np.isnan(batch.lams), cfg.lam, batch.lams)
+    return restore(engine, batch.images[:, None], cfg, rng=SliceNoise(keys, engine.R, seed), lam=lams,
+                   filled=len(batch.rows))
 
 
 def run_batch(engine: Engine, batch: Batch, cfg: RestoreConfig, seed: int) -> np.ndarray:
@@ -84,12 +92,12 @@ def run_batch(engine: Engine, batch: Batch, cfg: RestoreConfig, seed: int) -> np
 
 
 def infer_slices(engine: Engine, images: np.ndarray, cfg: RestoreConfig, seed: int = 0) -> np.ndarray:
-    """Anomaly maps [S, H, W] of the slices images [S, H, W] (float32 in [0, 1], background 0), in batches
-    of `engine.batch`."""
+    """Anomaly maps [S, H, W] of the slices images [S, H, W] of one scan (float32 in [0, 1], background 0), in
+    batches of `engine.batch`."""
     images = np.asarray(images, dtype=np.float32)
     maps = np.zeros(images.shape, dtype=np.float32)
     packer = Packer(engine.batch)
-    packer.add(0, images)
+    packer.add(0, images, scan_lambda(images, cfg))                        # the slices of one scan
     for batch in packer.flush():
         maps[[i for _, i in batch.rows]] = run_batch(engine, batch, cfg, seed)
     return maps

@@ -45,6 +45,7 @@ from mimood.data.preprocess import Slices
 from mimood.errors import InputError, OutputError
 from mimood.ood.mirror import mirror_slices
 from mimood.ood.scan import SliceParts
+from mimood.restore import scan_lambda
 from mimood.runtime.batching import Batch, Packer, infer_slices, restore_batch
 from mimood.runtime.bundle import BACKENDS, PRECISIONS, Bundle
 from mimood.runtime.components import MIN_COMPONENT_ML
@@ -141,6 +142,7 @@ class ScanState:
     ood: list[tuple[np.ndarray, SliceParts]] = field(default_factory=list)   # per batch: (slice indices [n],
                                                                              # their OOD parts), with OOD stats
     warnings: list[str] = field(default_factory=list)                        # the reader's, one line each
+    lam: float | None = None                                                 # its detector threshold (scan_lambda)
 
 
 def infer_folder(input: str | Path, out: str | Path, export_dir: str | Path, backend: str = "auto",
@@ -256,7 +258,8 @@ class InferJob:
                      "backend_used": self.engine.detail, "backend_reason": self.engine.reason,
                      "manifest_sha256": self.bundle.sha256,
                      "manifest": {k: getattr(m, k) for k in ("preset", "batch", "R", "T", "detector", "lam",
-                                                             "threshold", "scan_score", "created", "versions")},
+                                                             "lam_scan_percentile", "threshold", "scan_score",
+                                                             "created", "versions")},
                      "reference": None if self.reference is None else self.reference.summary(),
                      "versions": current_versions(), "started": self.started, "finished": None,
                      "notes": self.notes, "scans": self.scans}
@@ -274,7 +277,7 @@ class InferJob:
                 if scan is None:
                     continue
                 self.pending[key] = scan
-                packer.add(key, scan.slices.images)
+                packer.add(key, scan.slices.images, scan.lam)
                 for batch in packer.full():
                     self._restore_or_fail(batch)
             for batch in packer.flush():
@@ -305,7 +308,7 @@ class InferJob:
         self.slice_bar.total += len(slices.index)
         self.slice_bar.refresh()
         return ScanState(key, case, slices, np.zeros_like(slices.images), len(slices.index),
-                         time.perf_counter() - t0, warnings=warned)
+                         time.perf_counter() - t0, warnings=warned, lam=scan_lambda(slices.images, self.cfg))
 
     def _restore_or_fail(self, batch: Batch) -> None:
         """`_restore`; an unexpected error fails the scans of this batch (not the run)."""
@@ -363,7 +366,7 @@ class InferJob:
         row.seconds = round(scan.seconds + time.perf_counter() - t0, 3)
         row.warnings = "; ".join(scan.warnings)
         self.rows[scan.key] = row
-        self.scans[str(case.image)] = geometry_summary(scan.slices)
+        self.scans[str(case.image)] = {**geometry_summary(scan.slices), "lam": scan.lam}
         if self.reference is not None:
             self.scans[str(case.image)]["score"] = self.reference.report(row.raw_score)
         if ood_report is not None:               # its z and percentile are "score"'s, given with >= 20 references
