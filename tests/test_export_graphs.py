@@ -58,6 +58,23 @@ def make_random_run(run, lam=LAM):
     return run
 
 
+def make_perturbed_run(run):
+    """`make_random_run` with every ATD and MVTM parameter (but the ATD's head, which keeps some tokens above
+    lambda and some below) moved off its initial value: freshly initialised Linear biases are zero and LayerNorms
+    the identity, so a graph rewrite taking a bias from the wrong place would go unnoticed."""
+    run = make_random_run(run)
+    g = torch.Generator().manual_seed(1)
+    for kind in ("atd", "mvtm"):
+        path = run / kind / "best.safetensors"
+        model, _ = load_model(path)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if not (kind == "atd" and n.startswith("head")):
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        save_model(model, path, kind)
+    return run
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     run = make_random_run(tmp_path_factory.mktemp("export") / "run")

@@ -19,8 +19,8 @@ from mimood.config import preset
 from mimood.contract import file_sha256
 from mimood.export import export as ex
 from mimood.export.graphs import _COUNT_IN_FLOAT, OPSET, ORT_GRAPHS, build_modules
-from mimood.models.checkpoint import load_model, save_model
-from test_export_graphs import make_random_run
+from mimood.models.checkpoint import load_model
+from test_export_graphs import make_perturbed_run
 
 B = 4
 DEPTH = preset("tiny").transformer.depth
@@ -28,16 +28,7 @@ DEPTH = preset("tiny").transformer.depth
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    run = make_random_run(tmp_path_factory.mktemp("ort") / "run")
-    g = torch.Generator().manual_seed(1)
-    for kind in ("atd", "mvtm"):
-        path = run / kind / "best.safetensors"
-        model, _ = load_model(path)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if not (kind == "atd" and n.startswith("head")):   # keep some tokens above lambda, some below
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
-        save_model(model, path, kind)
+    run = make_perturbed_run(tmp_path_factory.mktemp("ort") / "run")
     manifest = ex.export_run(run, batch=B, progress=False)
     return run, run / "export", manifest
 

@@ -20,35 +20,21 @@ from mimood.errors import InputError
 from mimood.export import export as ex
 from mimood.export.graphs import ORT_GRAPHS, export_ort
 from mimood.export.validate import map_agreement, seed_rule
-from mimood.models.checkpoint import load_model, save_model
+from mimood.models.checkpoint import load_model
 from mimood.restore import restore
 from mimood.runtime.batching import Packer, infer_slices, run_batch
 from mimood.runtime.bundle import Bundle
 from mimood.runtime.infer import load_engine
 from mimood.runtime.ort import OrtEngine
 from mimood.runtime.torch_backend import TorchEngine
-from test_export_graphs import THRESHOLD, make_random_run
+from test_export_graphs import THRESHOLD, make_perturbed_run
 
 B = 4
 
 
-def _perturbed_run(root):
-    run = make_random_run(root / "run")
-    g = torch.Generator().manual_seed(1)
-    for kind in ("atd", "mvtm"):
-        path = run / kind / "best.safetensors"
-        model, _ = load_model(path)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if not (kind == "atd" and n.startswith("head")):   # keep some tokens above lambda, some below
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
-        save_model(model, path, kind)
-    return run
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    run = _perturbed_run(tmp_path_factory.mktemp("rows"))
+    run = make_perturbed_run(tmp_path_factory.mktemp("rows") / "run")
     manifest = ex.export_run(run, batch=B, int8=True, progress=False)
     return run, run / "export", manifest
 
@@ -169,7 +155,7 @@ def test_precision_int8_is_onnxruntime_only_and_needs_int8_graphs(exported, tmp_
 
 
 def test_an_int8_graph_that_fails_its_check_is_recorded_and_not_used(tmp_path, monkeypatch):
-    run = _perturbed_run(tmp_path)
+    run = make_perturbed_run(tmp_path / "run")
     strict = ex.Tolerances(token_mismatch=0, probs_atol=0, mask_mismatch=0, sample_mismatch=1.0, map_atol=0,
                            map_mean=0)
     monkeypatch.setitem(ex.TOLERANCES, "int8", strict)            # no int8 ATD is exact: it must fail
