@@ -12,7 +12,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from mimood.config import preset
 from mimood.contract import Manifest, file_sha256, graph_io
