@@ -22,6 +22,7 @@ def test_the_bundled_model_is_complete_small_and_calibrated():
     # the shipped detector is the one that beat the ATD in cross-fit; its loop never runs the ATD, so the ATD's
     # fused copy is left out and the MVTM step's fused, row-skipping copy is kept
     assert m.detector == "intensity" and sorted(m.extra.ort_graphs) == ["mvtm_step"]
+    assert m.lam_scan_percentile == 90.0                             # each scan at least its own P90 re-sampled
     lines = []
     assert resolve_model(None, say=lines.append).export == BUNDLED and len(lines) == 1
     Bundle.open(BUNDLED)
