@@ -97,7 +97,7 @@ def infer_slices(engine: Engine, images: np.ndarray, cfg: RestoreConfig, seed: i
     images = np.asarray(images, dtype=np.float32)
     maps = np.zeros(images.shape, dtype=np.float32)
     packer = Packer(engine.batch)
-    packer.add(0, images, scan_lambda(images, cfg))                        # the slices of one scan
+    packer.add(0, images, None if cfg.lam_scan_percentile is None else scan_lambda(images, cfg))   # one scan
     for batch in packer.flush():
         maps[[i for _, i in batch.rows]] = run_batch(engine, batch, cfg, seed)
     return maps

@@ -277,7 +277,8 @@ class InferJob:
                 if scan is None:
                     continue
                 self.pending[key] = scan
-                packer.add(key, scan.slices.images, scan.lam)
+                per_scan = self.cfg.lam_scan_percentile is not None     # else every scan has the config's
+                packer.add(key, scan.slices.images, scan.lam if per_scan else None)
                 for batch in packer.full():
                     self._restore_or_fail(batch)
             for batch in packer.flush():
