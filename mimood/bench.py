@@ -233,7 +233,7 @@ def time_ar(vqvae, ar, x: np.ndarray, cfg, device: str, positions: int,
     from mimood.models.graphs import DecodeScore, EncodeGraph
 
     enc = EncodeGraph(vqvae).to(device).eval()
-    dec = DecodeScore(vqvae, cfg.R, cfg.min_pool, cfg.avg_pool).to(device).eval()
+    dec = DecodeScore(vqvae, cfg.R, cfg.min_pool, cfg.avg_pool, cfg.residual).to(device).eval()
     ar = ar.to(device).eval()
     xd = torch.from_numpy(x.astype(np.float32)).to(device)
     with torch.no_grad():

@@ -106,6 +106,7 @@ LAM_PERCENTILE = 90.0   # default calibration rule: lambda = this percentile of 
 
 
 DETECTORS = ("atd", "intensity")      # RestoreConfig.detector, Manifest.detector
+RESIDUALS = ("abs", "positive")       # RestoreConfig.residual, Manifest.residual
 
 
 @dataclass
@@ -129,6 +130,10 @@ class RestoreConfig:
     # (`mimood.restore.scan_lambda`), so at least that share of every scan's brain tokens is re-sampled whatever
     # its intensity scale (another site or preprocessing); None: lam for every scan
     lam_scan_percentile: float | None = None
+    # what the map measures (RESIDUALS): "abs" |restoration - input| (the paper), or "positive" max(input -
+    # restoration, 0), only where the input is brighter than its restoration (hyperintense anomalies: with the
+    # intensity detector it raised pixel AUROC in both cross-fit folds, benchmarks/results/crossfit.md)
+    residual: str = "abs"
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-from mimood.config import DETECTORS
+from mimood.config import DETECTORS, RESIDUALS
 from mimood.errors import InputError
 
 PROBABILITY = (0.0, 1.0)
@@ -104,6 +104,8 @@ def check_manifest_values(d: dict, path: str | Path) -> dict:
     if d.get("detector", "atd") not in DETECTORS:
         raise InputError(path, f"'detector' must be one of {', '.join(DETECTORS)}, got {_show(d.get('detector'))}")
     check_number(d.get("lam_scan_percentile"), path, "lam_scan_percentile", 0, 100, allow_none=True, low_open=True)
+    if d.get("residual", "abs") not in RESIDUALS:
+        raise InputError(path, f"'residual' must be one of {', '.join(RESIDUALS)}, got {_show(d.get('residual'))}")
     check_number(d.get("T"), path, "T", 0, integer=True)
     for key in ("R", "batch", "min_pool", "avg_pool", "vocab_size"):
         check_number(d.get(key), path, key, 1, integer=True)

@@ -77,13 +77,13 @@ def test_intensity_detector_reaches_the_manifest_and_every_backend(run, tmp_path
     assert r.exit_code == 2 and not out.exists()                       # not calibrated for it: one line, no folder
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "methods.mimood_intensity" in r.stderr
     cal = json.loads((own / "calibration.json").read_text())
-    cal["methods"] = {"mimood_intensity": {"lam": 0.5, "threshold": 0.3}}
+    cal["methods"] = {"mimood_intensity": {"lam": 0.5, "threshold": 0.3, "residual": "positive"}}
     (own / "calibration.json").write_text(json.dumps(cal))
     r = CliRunner().invoke(main, ["-m", str(own), "-o", str(out), "--batch", "2", "--detector", "intensity"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0, r.output                                  # decode_score validated with "positive"
     assert r.stdout.startswith("graphs for batch 2 x R 2 (T 2, detector intensity, lambda 0.5):")
     m = Manifest.load(out)
-    assert (m.detector, m.lam, m.threshold) == ("intensity", 0.5, 0.3)
+    assert (m.detector, m.lam, m.threshold, m.residual) == ("intensity", 0.5, 0.3, "positive")
     assert m.extra.validation.lam == LAM                               # the ATD graph is still checked at its own
     images = load_slice_set(own / "data" / "val_slices.npz").images.astype(np.float32)
     x = images[np.argsort((images > 0).sum((1, 2)))[-2:]][:, None]     # the two slices with most brain [2,1,H,W]
@@ -92,7 +92,7 @@ def test_intensity_detector_reaches_the_manifest_and_every_backend(run, tmp_path
     for backend in ("ort", "torch"):
         engine = load_engine(out, backend=backend)
         cfg = engine.bundle.restore_config()
-        assert cfg.detector == "intensity"
+        assert cfg.detector == "intensity" and cfg.residual == "positive"
         got[backend] = restore(engine, x, cfg, np.random.default_rng(0), keep_tokens=True)
         assert got[backend].masked == [want, want] and want > 0
     assert np.mean(got["ort"].tokens == got["torch"].tokens) > 0.99

@@ -145,3 +145,17 @@ def test_per_slice_lambdas_and_the_per_scan_rule(engine_parts):
     assert scan_lambda(images, cfg, lam=1.0) == 1.0                             # no percentile: lam
     assert scan_lambda(images, replace(rule, detector="atd"), lam=1.0) == 1.0   # the ATD: lam
     assert scan_lambda(np.zeros_like(images), rule, lam=0.7) == 0.7             # no brain: lam
+
+
+def test_the_positive_residual_counts_only_what_is_brighter_than_its_restoration(engine_parts):
+    vq, _, _, x = engine_parts
+    xt = torch.from_numpy(x)                                                    # [3, 1, H, W]
+    tokens = EncodeGraph(vq).eval()(xt).repeat_interleave(2, 0)                 # [6, N]
+    with torch.no_grad():
+        both = {r: DecodeScore(vq, 2, 1, 1, residual=r).eval()(tokens, xt).numpy() for r in ("abs", "positive")}
+        rest = DecodeScore(vq, 2).restoration(tokens).view(3, 2, 160, 160).numpy()      # [B, R, H, W]
+    brighter = np.maximum(x - rest, 0).mean(1) * (x[:, 0] > 0)                 # no pooling: the R mean of it
+    np.testing.assert_allclose(both["positive"], brighter, atol=1e-6)
+    assert (both["positive"] <= both["abs"] + 1e-6).all() and not np.allclose(both["positive"], both["abs"])
+    with pytest.raises(ValueError, match="unknown residual"):
+        DecodeScore(vq, 2, residual="square")

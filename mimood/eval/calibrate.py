@@ -180,6 +180,8 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
                  "threshold_rule": f"P{voxel_percentile:g} of healthy brain-pixel anomaly scores"}
         if method.lam is not None:
             entry = {"lam": float(method.lam), "lam_rule": rules[name], **entry}
+            if cfg.residual != "abs":                                  # the map's rule, for the export
+                entry["residual"] = cfg.residual
             if per_scan and method.cfg.detector == "intensity":
                 entry["lam_scan_percentile"] = float(cfg.lam_scan_percentile)
                 entry["lam_rule"] += f"; per scan min(lam, P{cfg.lam_scan_percentile:g} of its brain tokens)"

@@ -44,7 +44,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -150,6 +150,7 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
                        *LAM_RANGE["mimood"])                 # NaN or a string: refused before any graph is made
     threshold = calibration.get("threshold", r.threshold)
     graph_lam = lam if detector == "atd" else calibration.get("atd_lam", r.lam)   # the ATD graph's checks
+    r = cfg.restore = replace(r, residual=calibration.get("residual", r.residual))   # the threshold's map rule
     if batch < 1 or R < 1 or T < 0:
         raise ValueError(f"need batch >= 1, R >= 1 and T >= 0 (got batch {batch}, R {R}, T {T})")
     _check_out(out)
@@ -172,7 +173,7 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
             feeds, want = reference_io(modules, x, R, graph_lam)
 
     manifest = Manifest.from_config(cfg, batch=batch, R=R, T=T, lam=float(lam), threshold=threshold,
-                                    vocab_size=K, mask_id=K, detector=detector,
+                                    vocab_size=K, mask_id=K, detector=detector, residual=r.residual,
                                     lam_scan_percentile=calibration.get("lam_scan_percentile")
                                     if detector != "atd" else None)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -477,8 +478,10 @@ def _load_calibration(run: Path, detector: str = "atd") -> dict:
         raise InputError(path, f"has no 'methods.mimood_{detector}' entry: calibrate the run with the "
                                f"mimood_{detector} method for the {detector} detector")
     threshold = entry.get("threshold")
+    rules = cal.get("methods", {}).get(f"mimood_{detector}" if detector != "atd" else "mimood", {})
     return {"lam": float(entry["lam"]), "threshold": None if threshold is None else float(threshold),
-            "atd_lam": float(cal["lam"]), "lam_scan_percentile": entry.get("lam_scan_percentile")}
+            "atd_lam": float(cal["lam"]), "lam_scan_percentile": rules.get("lam_scan_percentile"),
+            "residual": rules.get("residual", "abs")}
 
 
 def _load_checkpoint(run: Path, kind: str, cfg: RunConfig | None = None):

@@ -80,7 +80,7 @@ def build_modules(vqvae: nn.Module, atd: nn.Module, mvtm: nn.Module, cfg: Restor
     """The four graph modules (eval mode, CPU) for R restorations."""
     modules = {"encode": EncodeGraph(vqvae), "atd": ATDGraph(atd),
                "mvtm_step": MVTMStep(mvtm, cfg.temperature),
-               "decode_score": DecodeScore(vqvae, R, cfg.min_pool, cfg.avg_pool)}
+               "decode_score": DecodeScore(vqvae, R, cfg.min_pool, cfg.avg_pool, cfg.residual)}
     return {k: m.cpu().eval() for k, m in modules.items()}
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimood.config import GRID
+from mimood.config import GRID, RESIDUALS
 from mimood.models.transformer import TokenTransformer
 from mimood.models.vqvae import VQVAE
 
@@ -62,19 +62,24 @@ class MVTMStep(nn.Module):
 
 
 class DecodeScore(nn.Module):
-    """Decode the R restorations of each slice, take |restoration - input|, smooth it with a min-pool (removes
-    thin edges) then an average pool, zero it outside the brain (input > 0) and average over R."""
+    """Decode the R restorations of each slice, take |restoration - input| (residual "abs"; "positive":
+    max(input - restoration, 0)), smooth it with a min-pool (removes thin edges) then an average pool, zero it
+    outside the brain (input > 0) and average over R."""
 
-    def __init__(self, vqvae: VQVAE, R: int, min_pool: int = 3, avg_pool: int = 7):
+    def __init__(self, vqvae: VQVAE, R: int, min_pool: int = 3, avg_pool: int = 7, residual: str = "abs"):
         super().__init__()
-        self.vqvae, self.R, self.min_pool, self.avg_pool = vqvae, R, min_pool, avg_pool
+        if residual not in RESIDUALS:
+            raise ValueError(f"unknown residual {residual!r}; expected one of {', '.join(RESIDUALS)}")
+        self.vqvae, self.R, self.min_pool, self.avg_pool, self.residual = vqvae, R, min_pool, avg_pool, residual
 
     def restoration(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.vqvae.decode(tokens.view(-1, GRID, GRID)).float().clamp(0, 1)    # [BR, 1, H, W]
 
     def forward(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x_rep = x.repeat_interleave(self.R, dim=0)                           # [BR, 1, H, W]
-        return smooth_residual((self.restoration(tokens) - x_rep).abs(), x, self.R, self.min_pool, self.avg_pool)
+        d = x_rep - self.restoration(tokens)
+        d = d.abs() if self.residual == "abs" else d.clamp(min=0)
+        return smooth_residual(d, x, self.R, self.min_pool, self.avg_pool)
 
 
 def smooth_residual(d: torch.Tensor, x: torch.Tensor, R: int, min_pool: int, avg_pool: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ class TorchEngine:
         self.encoder = EncodeGraph(vqvae).to(self.device).eval()
         self.detector = (ATDGraph(atd) if detector is None else detector).to(self.device).eval()
         self.sampler = MVTMStep(mvtm, cfg.temperature).to(self.device).eval()
-        self.scorer = DecodeScore(vqvae, cfg.R, cfg.min_pool, cfg.avg_pool).to(self.device).eval()
+        self.scorer = DecodeScore(vqvae, cfg.R, cfg.min_pool, cfg.avg_pool, cfg.residual).to(self.device).eval()
 
     @classmethod
     def from_run(cls, run, cfg: RestoreConfig | None = None, **kwargs) -> "TorchEngine":
