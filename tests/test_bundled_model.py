@@ -23,6 +23,7 @@ def test_the_bundled_model_is_complete_small_and_calibrated():
     # fused copy is left out and the MVTM step's fused, row-skipping copy is kept
     assert m.detector == "intensity" and sorted(m.extra.ort_graphs) == ["mvtm_step"]
     assert m.lam_scan_percentile == 90.0                             # each scan at least its own P90 re-sampled
+    assert m.residual == "positive"                                  # the map: only brighter than restored
     lines = []
     assert resolve_model(None, say=lines.append).export == BUNDLED and len(lines) == 1
     Bundle.open(BUNDLED)
