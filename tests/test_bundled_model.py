@@ -37,7 +37,8 @@ def test_the_bundled_model_maps_a_small_volume(tmp_path, monkeypatch):
     nib.save(img, scans / "small.nii.gz")
     report = infer_folder(scans, tmp_path / "maps", resolve_model(None).export, backend="ort", progress=False)
     assert "fused attention: mvtm_step" in report.backend and "rows:" in report.backend
-    assert json.loads(report.provenance.read_text())["manifest"]["detector"] == "intensity"
+    prov = json.loads(report.provenance.read_text())["manifest"]
+    assert (prov["detector"], prov["lam_scan_percentile"], prov["residual"]) == ("intensity", 90.0, "positive")
     out = nib.load(tmp_path / "maps" / "small.nii.gz")
     m = np.asarray(out.dataobj)
     assert out.shape == img.shape and np.allclose(out.affine, img.affine)
