@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from mimood.config import GRID, NUM_TOKENS, preset
-from mimood.eval.baselines import (MVTMLikelihood, ar_nll, ar_restore, ar_restore_reference,
-                                   intensity_token_scores, sample_inverse_cdf)
+from mimood.eval.baselines import MVTMLikelihood, ar_nll, ar_restore, ar_restore_reference, sample_inverse_cdf
 from mimood.models.transformer import TokenTransformer
+from mimood.restore import intensity_token_scores
 
 CFG = preset("tiny")
 K = CFG.vqvae.num_embeddings

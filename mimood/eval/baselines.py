@@ -21,7 +21,6 @@ from torch import nn
 
 from mimood.config import GRID
 from mimood.models.transformer import TokenTransformer
-from mimood.restore import intensity_token_scores  # noqa: F401  (with the loop: it is also its "intensity" detector)
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

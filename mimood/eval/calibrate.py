@@ -41,13 +41,14 @@ from mimood.config import GRID, LAM_PERCENTILE, MaskConfig, RestoreConfig, RunCo
 from mimood.contract import atomic_write
 from mimood.data.slices import load_slice_set
 from mimood.errors import InputError
-from mimood.eval.baselines import MVTMLikelihood, ar_nll, intensity_token_scores
+from mimood.eval.baselines import MVTMLikelihood, ar_nll
 from mimood.eval.methods import available_methods, build_methods, load_models
 from mimood.eval.metrics import json_ready, token_labels, token_metrics
 from mimood.eval.token_critic import CRITIC
 from mimood.models.graphs import ATDGraph, encode_slices
 from mimood.models.lesions import lesion_tokens
 from mimood.models.masks import atd_masks, corrupt
+from mimood.restore import intensity_token_scores
 from mimood.thresholds import check_calibration, read_calibration
 
 CALIBRATION = "calibration.json"

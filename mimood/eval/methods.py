@@ -22,13 +22,13 @@ from typing import Protocol
 import numpy as np
 
 from mimood.config import RestoreConfig
-from mimood.eval.baselines import MVTMLikelihood, ar_nll, ar_restore, intensity_token_scores
+from mimood.eval.baselines import MVTMLikelihood, ar_nll, ar_restore
 from mimood.eval.token_critic import CRITIC
 import torch
 
 from mimood.models.graphs import ATDGraph, smooth_residual
 from mimood.models.checkpoint import load_model
-from mimood.restore import restore, scan_lambda
+from mimood.restore import intensity_token_scores, restore, scan_lambda
 from mimood.runtime.torch_backend import TorchEngine
 
 METHODS = ("mimood", "mimood_paper", "ar", "mvtm_likelihood", "token_critic", "intensity", "dae",

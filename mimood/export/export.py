@@ -173,7 +173,7 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
             feeds, want = reference_io(modules, x, R, graph_lam)
 
     manifest = Manifest.from_config(cfg, batch=batch, R=R, T=T, lam=float(lam), threshold=threshold,
-                                    vocab_size=K, mask_id=K, detector=detector, residual=r.residual,
+                                    vocab_size=K, mask_id=K, detector=detector,
                                     lam_scan_percentile=calibration.get("lam_scan_percentile")
                                     if detector != "atd" else None)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -473,12 +473,13 @@ def _load_calibration(run: Path, detector: str = "atd") -> dict:
     cal = read_calibration(path)
     if cal is None:
         return {}
-    entry = cal if detector == "atd" else cal.get("methods", {}).get(f"mimood_{detector}")
-    if entry is None:
+    rules = cal.get("methods", {}).get("mimood" if detector == "atd" else f"mimood_{detector}")
+    if rules is None and detector != "atd":
         raise InputError(path, f"has no 'methods.mimood_{detector}' entry: calibrate the run with the "
                                f"mimood_{detector} method for the {detector} detector")
+    entry = cal if detector == "atd" else rules              # the ATD's pair: the top-level lam and threshold
+    rules = rules or {}
     threshold = entry.get("threshold")
-    rules = cal.get("methods", {}).get(f"mimood_{detector}" if detector != "atd" else "mimood", {})
     return {"lam": float(entry["lam"]), "threshold": None if threshold is None else float(threshold),
             "atd_lam": float(cal["lam"]), "lam_scan_percentile": rules.get("lam_scan_percentile"),
             "residual": rules.get("residual", "abs")}

@@ -29,7 +29,8 @@ def slim_copy(src: str | Path, dst: str | Path, drop: Sequence[str] = ("weights"
     files the new manifest names (manifest included). Files in `dst` that an old manifest there named are
     replaced; other files in `dst` (a model card, notices) are left alone."""
     src, dst = Path(src), Path(dst)
-    bad = [d for d in drop if d not in DROPPABLE and not (d.startswith("ort_graphs.") and d[11:] in ROW_GRAPHS)]
+    steps = {f"ort_graphs.{g}" for g in ROW_GRAPHS}        # one step's copies: "ort_graphs.atd", ...
+    bad = [d for d in drop if d not in DROPPABLE and d not in steps]
     if bad:
         raise ValueError(f"cannot drop {bad}: only {DROPPABLE} or ort_graphs.<{'|'.join(ROW_GRAPHS)}>")
     manifest = Manifest.load(src)
@@ -37,8 +38,8 @@ def slim_copy(src: str | Path, dst: str | Path, drop: Sequence[str] = ("weights"
     if problems:
         raise ValueError(f"{src}: not a complete export ({problems[0]})")
     for name in drop:
-        if name.startswith("ort_graphs."):
-            step = name[11:]
+        if name not in DROPPABLE:                          # "ort_graphs.<step>": that step's copies only
+            step = name.removeprefix("ort_graphs.")
             manifest.extra.ort_graphs.pop(step, None)
             if getattr(manifest.extra, "int8", None):
                 manifest.extra.int8.pop(step, None)

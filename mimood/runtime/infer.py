@@ -271,13 +271,13 @@ class InferJob:
         self.slice_bar = tqdm(total=0, desc="slices", unit="slice", disable=not self.progress, position=1,
                               leave=False)
         packer = Packer(self.engine.batch)
+        per_scan = self.cfg.lam_scan_percentile is not None      # else every scan has the config's lambda
         try:
             for key, case in todo:
                 scan = self._read(key, case)
                 if scan is None:
                     continue
                 self.pending[key] = scan
-                per_scan = self.cfg.lam_scan_percentile is not None     # else every scan has the config's
                 packer.add(key, scan.slices.images, scan.lam if per_scan else None)
                 for batch in packer.full():
                     self._restore_or_fail(batch)
