@@ -134,6 +134,10 @@ class RestoreConfig:
     # restoration, 0), only where the input is brighter than its restoration (hyperintense anomalies: with the
     # intensity detector it raised pixel AUROC in both cross-fit folds, benchmarks/results/crossfit.md)
     residual: str = "abs"
+    # contralateral damping k in [0, 1] (`mimood.restore.contralateral`): map - k * min(map, its left-right
+    # mirror), so what both hemispheres share at the same place (ventricles, a bias field's bright band) is damped
+    # and a one-sided anomaly keeps its value; 0 = the paper's map
+    contralateral: float = 0.0
 
 
 @dataclass

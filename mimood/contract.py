@@ -35,7 +35,7 @@ from mimood.thresholds import check_manifest_values
 
 FORMAT_VERSION = 1
 # manifest keys added within format 1: absent in older exports, read as their default (the behaviour before them)
-ADDED_IN_FORMAT = {"detector", "lam_scan_percentile", "residual"}
+ADDED_IN_FORMAT = {"detector", "lam_scan_percentile", "residual", "contralateral"}
 MANIFEST_NAME = "manifest.json"
 
 
@@ -385,6 +385,7 @@ class Manifest:
     detector: str = "atd"              # what picks the tokens to re-sample (config.DETECTORS; older exports: atd)
     lam_scan_percentile: float | None = None   # "intensity": lambda per scan (RestoreConfig.lam_scan_percentile)
     residual: str = "abs"              # what decode_score measures (config.RESIDUALS; the graph computes it)
+    contralateral: float = 0.0         # map damping by its mirror (RestoreConfig.contralateral; host-side)
     # name -> {file, sha256, precision, inputs: {name: [shape, dtype]}, outputs: {...}}
     graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)   # graph -> checks against PyTorch
@@ -400,7 +401,7 @@ class Manifest:
         kw: dict[str, Any] = dict(
             preset=cfg.preset, batch=r.batch, R=r.R, T=r.T, lam=r.lam, temperature=r.temperature,
             min_pool=r.min_pool, avg_pool=r.avg_pool, threshold=r.threshold, detector=r.detector,
-            lam_scan_percentile=r.lam_scan_percentile, residual=r.residual,
+            lam_scan_percentile=r.lam_scan_percentile, residual=r.residual, contralateral=r.contralateral,
             data=json.loads(json.dumps(asdict(cfg.data))),   # as it reads back (tuples are lists in JSON)
             vocab_size=cfg.vqvae.num_embeddings, mask_id=cfg.vqvae.num_embeddings, grid=GRID)
         kw.update(overrides)

@@ -59,6 +59,21 @@ def scan_lambda(images: np.ndarray, cfg: RestoreConfig, lam: float | None = None
     return min(lam, float(np.percentile(intensity_token_scores(x)[brain], cfg.lam_scan_percentile)))
 
 
+def contralateral(maps: np.ndarray, k: float) -> np.ndarray:
+    """maps [B, H, W] -> maps - k * min(maps, their left-right mirror images) (RestoreConfig.contralateral).
+
+    The preprocessing centres each scan's window on its brain's bounding box and lays the patient's left-right
+    along the last axis (mimood.data.preprocess), so the mirror column of a pixel is the same place in the other
+    hemisphere (the assumption `mimood.ood.mirror` makes and measures). min(m, mirror) is the part of the map both
+    sides share: ventricles and CSF that the MVTM restores darker on both sides, a symmetric bias-field band; a
+    one-sided lesion facing healthy tissue keeps its value, and with k < 1 a lesion facing another lesion keeps
+    (1 - k) of it. A mirror place outside the brain (map 0) damps nothing. Cost: one flip and a min per pixel.
+    Measured with the bundled model (benchmarks/mask_rules.py, fold A's four unseen BraTS cases, k = 0.75):
+    pooled [DICE] 0.495 -> 0.512, AP 0.414 -> 0.457, AUROC 0.866 -> 0.871; benchmarks/results/crossfit.md."""
+    m = np.asarray(maps, dtype=np.float32)
+    return (m - np.float32(k) * np.minimum(m, m[..., ::-1])).astype(np.float32)
+
+
 class Engine(Protocol):
     """What a backend provides. Arrays are the engine's own (numpy, torch CPU/CUDA)."""
     name: str
@@ -129,6 +144,8 @@ def restore(engine: Engine, x: np.ndarray, cfg: RestoreConfig, rng: np.random.Ge
         u = engine.put(rng.random(tuple(mask.shape), dtype=np.float32))      # [B*R, N] in [0, 1)
         tokens = engine.mvtm_step(tokens, mask, u)
     maps = engine.get(engine.decode_score(tokens, xd))
+    if cfg.contralateral:
+        maps = contralateral(maps, cfg.contralateral)
     if token_scores is None:                                                 # T == 0
         token_scores = engine.get(fixed if fixed is not None else engine.detect(tokens))[:: engine.R]
     return Restoration(maps, token_scores, masked, engine.get(tokens) if keep_tokens else None,

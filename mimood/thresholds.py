@@ -106,6 +106,7 @@ def check_manifest_values(d: dict, path: str | Path) -> dict:
     check_number(d.get("lam_scan_percentile"), path, "lam_scan_percentile", 0, 100, allow_none=True, low_open=True)
     if d.get("residual", "abs") not in RESIDUALS:
         raise InputError(path, f"'residual' must be one of {', '.join(RESIDUALS)}, got {_show(d.get('residual'))}")
+    check_number(d.get("contralateral", 0.0), path, "contralateral", 0, 1)
     check_number(d.get("T"), path, "T", 0, integer=True)
     for key in ("R", "batch", "min_pool", "avg_pool", "vocab_size"):
         check_number(d.get(key), path, key, 1, integer=True)

@@ -1,11 +1,17 @@
 """`mimood-export` through click: its summary lines, overrides reaching the manifest, exit codes 1 (a graph
 fails its check) and 2 (bad run folder) with one-line errors."""
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_export_graphs import make_random_run
 
 from mimood.cli.export import main
 from mimood.contract import Manifest
+from mimood.data.slices import load_slice_set
 from mimood.export import export as ex
 
 
@@ -46,7 +52,6 @@ def test_failed_check_exits_1(run, tmp_path, monkeypatch):
     ("vqvae", "vqvae/best.safetensors: checkpoint not found"),
 ])
 def test_bad_run_folder_exits_2(run, tmp_path, damage, problem):
-    import shutil
     bad = tmp_path / "run"
     if damage != "missing":
         shutil.copytree(run, bad)
@@ -61,12 +66,6 @@ def test_bad_run_folder_exits_2(run, tmp_path, damage, problem):
 
 
 def test_intensity_detector_reaches_the_manifest_and_every_backend(run, tmp_path):
-    import json
-    import shutil
-
-    import numpy as np
-
-    from mimood.data.slices import load_slice_set
     from mimood.restore import intensity_token_scores, restore
     from mimood.runtime.infer import load_engine
     from test_export_graphs import LAM
@@ -100,13 +99,6 @@ def test_intensity_detector_reaches_the_manifest_and_every_backend(run, tmp_path
 
 
 def test_per_scan_lambda_reaches_the_manifest_and_packing_keeps_each_scan_its_own(run, tmp_path):
-    import json
-    import shutil
-    from dataclasses import replace
-
-    import numpy as np
-
-    from mimood.data.slices import load_slice_set
     from mimood.restore import scan_lambda
     from mimood.runtime.batching import Packer, infer_slices, run_batch
     from mimood.runtime.infer import load_engine
@@ -141,3 +133,34 @@ def test_per_scan_lambda_reaches_the_manifest_and_packing_keeps_each_scan_its_ow
     for k in ("a", "b"):
         np.testing.assert_allclose(mixed[k], alone[k], atol=1e-5)
     assert np.abs(alone["b"] - infer_slices(engine, b, replace(cfg, lam_scan_percentile=None))).max() > 1e-3
+
+
+def test_contralateral_reaches_the_manifest_and_the_export_threshold_is_chosen_on_its_maps(run, tmp_path):
+    from mimood.eval.calibrate import export_threshold
+    from mimood.runtime.batching import infer_slices
+    from mimood.runtime.infer import load_engine
+
+    own, out = tmp_path / "run", tmp_path / "exp"
+    shutil.copytree(run, own)
+    cal = json.loads((own / "calibration.json").read_text())
+    cal["methods"] = {"mimood_intensity": {"lam": 0.5, "threshold": 0.3, "lam_scan_percentile": 90.0,
+                                           "contralateral": 0.75}}
+    (own / "calibration.json").write_text(json.dumps(cal))
+    r = CliRunner().invoke(main, ["-m", str(own), "-o", str(out), "--batch", "4", "--detector", "intensity",
+                                  "--no-validate"])
+    assert r.exit_code == 0, r.output
+    m = Manifest.load(out)
+    assert m.contralateral == 0.75 and m.threshold == 0.3
+    cfg = load_engine(out, backend="ort").bundle.restore_config()
+    assert cfg.contralateral == 0.75
+    val = own / "data" / "val_slices.npz"
+    damped = export_threshold(out, val, slice_stride=1, progress=False)
+    plain = export_threshold(out, val, replace(cfg, contralateral=0.0), slice_stride=1, progress=False)
+    assert 0 < damped["threshold"] < plain["threshold"]              # the same draws, pointwise lower maps
+    assert damped["flagged_share"] == pytest.approx(0.01, abs=0.003)
+    # the threshold is the P99 of exactly the maps the runtime writes for each held-out volume
+    s = load_slice_set(val)
+    engine = load_engine(out, backend="ort")
+    maps = [infer_slices(engine, s.images[s.case == v].astype(np.float32), cfg) for v in np.unique(s.case)]
+    values = np.concatenate([mp[s.images[s.case == v] > 0] for mp, v in zip(maps, np.unique(s.case))])
+    assert damped["threshold"] == pytest.approx(float(np.percentile(values, 99)), rel=1e-5)

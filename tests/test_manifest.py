@@ -138,3 +138,16 @@ def test_extra_is_typed_and_load_rejects_unknown_records(tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(InputError, match=message):
             Manifest.load(tmp_path)
+
+
+def test_an_export_from_before_the_contralateral_key_reads_as_0_and_a_bad_value_is_refused(tmp_path):
+    m = _manifest(tmp_path)
+    m.save(tmp_path / "manifest.json")
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    del d["contralateral"]                                         # written before the key existed
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    assert Manifest.load(tmp_path).contralateral == 0.0
+    d["contralateral"] = 1.5
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(InputError, match="contralateral"):
+        Manifest.load(tmp_path)

@@ -8,7 +8,7 @@ from mimood.config import NUM_TOKENS, preset
 from mimood.models.graphs import DecodeScore, EncodeGraph
 from mimood.models.transformer import TokenTransformer
 from mimood.models.vqvae import VQVAE
-from mimood.restore import restore
+from mimood.restore import contralateral, restore
 from mimood.runtime.torch_backend import TorchEngine
 
 CFG = preset("tiny")
@@ -159,3 +159,25 @@ def test_the_positive_residual_counts_only_what_is_brighter_than_its_restoration
     assert (both["positive"] <= both["abs"] + 1e-6).all() and not np.allclose(both["positive"], both["abs"])
     with pytest.raises(ValueError, match="unknown residual"):
         DecodeScore(vq, 2, residual="square")
+
+
+def test_contralateral_damping_keeps_a_one_sided_spot_and_damps_what_both_sides_share(engine_parts):
+    maps = np.zeros((1, 160, 160), np.float32)
+    maps[0, 40:50, 20:30] = maps[0, 40:50, 130:140] = 0.6        # the same place in both hemispheres
+    maps[0, 100:110, 30:40] = 0.8                                 # one side only: healthy (0) opposite
+    maps[0, 120:125, 60:65], maps[0, 120:125, 95:100] = 0.8, 0.2  # a strong spot facing a weak one
+    out = contralateral(maps, 0.75)
+    np.testing.assert_allclose(out[0, 40:50, 20:30], 0.6 * 0.25, rtol=1e-6)
+    np.testing.assert_allclose(out[0, 100:110, 30:40], 0.8)
+    np.testing.assert_allclose(out[0, 120:125, 60:65], 0.8 - 0.75 * 0.2, rtol=1e-6)
+    np.testing.assert_allclose(out[0, 120:125, 95:100], 0.2 * 0.25, rtol=1e-6)
+    assert (out >= 0).all() and (out <= maps).all() and out.dtype == np.float32
+
+    x = engine_parts[3]
+    eng, cfg = _engine(engine_parts, T=1, R=2, detector="intensity", lam=0.5)
+    _, damped = _engine(engine_parts, T=1, R=2, detector="intensity", lam=0.5, contralateral=0.75)
+    with torch.no_grad():
+        plain = restore(eng, x, cfg).maps
+        both = restore(eng, x, damped).maps                                     # the same draws (seed)
+    np.testing.assert_allclose(both, contralateral(plain, 0.75), atol=1e-6)
+    assert not np.allclose(both, plain)

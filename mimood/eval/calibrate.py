@@ -183,6 +183,8 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
             entry = {"lam": float(method.lam), "lam_rule": rules[name], **entry}
             if cfg.residual != "abs":                                  # the map's rule, for the export
                 entry["residual"] = cfg.residual
+            if cfg.contralateral:
+                entry["contralateral"] = float(cfg.contralateral)
             if per_scan and method.cfg.detector == "intensity":
                 entry["lam_scan_percentile"] = float(cfg.lam_scan_percentile)
                 entry["lam_rule"] += f"; per scan min(lam, P{cfg.lam_scan_percentile:g} of its brain tokens)"
@@ -213,3 +215,43 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
         with atomic_write(run / CALIBRATION) as tmp:
             tmp.write_text(json.dumps(cal, indent=2) + "\n")
     return cal
+
+
+def export_threshold(export: str | Path, slices: str | Path, cfg: RestoreConfig | None = None,
+                     voxel_percentile: float = 99.0, slice_stride: int = 4, backend: str = "ort", seed: int = 0,
+                     progress: bool = True) -> dict:
+    """The voxel threshold of an export's own maps on held-out healthy slices, for an export whose training
+    weights are not at hand (the bundled model ships graphs only): after a change of a map-side setting such as
+    RestoreConfig.contralateral, the threshold must be chosen again on the maps the export now writes.
+
+    slices: a slice set (`<run>/data/val_slices.npz` of the run the export came from, rebuilt by the same data
+    stage when the run is gone); cfg: the restoration settings (default the manifest's). Each held-out volume is
+    restored through the runtime (the backend given) with its own per-scan lambda (from all its slices), every
+    `slice_stride`-th of its slices; threshold = the `voxel_percentile`-th percentile of the maps over brain pixels,
+    the rule `calibrate` applies to a run. Returns {"threshold", "flagged_share", "threshold_rule", "volumes",
+    "restored_slices", "brain_pixels"}."""
+    from mimood.runtime.batching import Packer, run_batch
+    from mimood.runtime.infer import load_engine
+    from mimood.restore import scan_lambda
+
+    engine = load_engine(export, backend)
+    cfg = engine.bundle.restore_config() if cfg is None else cfg
+    val = load_slice_set(slices)
+    if len(val) == 0:
+        raise InputError(slices, "no held-out healthy slices to calibrate on")
+    values, restored = [], 0
+    for v in tqdm(np.unique(val.case), desc="threshold", unit="volume", disable=not progress):
+        images = val.images[val.case == v].astype(np.float32)                  # [S, H, W]
+        rows = images[::slice_stride]
+        packer = Packer(engine.batch)
+        packer.add(0, rows, None if cfg.lam_scan_percentile is None else scan_lambda(images, cfg))
+        for batch in packer.flush():
+            maps = run_batch(engine, batch, cfg, seed)                          # [n, H, W]
+            values.append(maps[batch.images[: len(maps)] > 0])
+        restored += len(rows)
+    values = np.concatenate(values)
+    threshold = float(np.percentile(values, voxel_percentile))
+    return {"threshold": threshold, "flagged_share": float(np.mean(values >= threshold)),
+            "threshold_rule": f"P{voxel_percentile:g} of healthy brain-pixel anomaly scores",
+            "volumes": [val.names[int(v)] for v in np.unique(val.case)], "restored_slices": restored,
+            "brain_pixels": int(values.size)}

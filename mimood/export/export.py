@@ -150,7 +150,8 @@ def export_run(run: str | Path, out: str | Path | None = None, batch: int = 32, 
                        *LAM_RANGE["mimood"])                 # NaN or a string: refused before any graph is made
     threshold = calibration.get("threshold", r.threshold)
     graph_lam = lam if detector == "atd" else calibration.get("atd_lam", r.lam)   # the ATD graph's checks
-    r = cfg.restore = replace(r, residual=calibration.get("residual", r.residual))   # the threshold's map rule
+    r = cfg.restore = replace(r, residual=calibration.get("residual", r.residual),     # the threshold's map rule
+                              contralateral=calibration.get("contralateral", r.contralateral))
     if batch < 1 or R < 1 or T < 0:
         raise ValueError(f"need batch >= 1, R >= 1 and T >= 0 (got batch {batch}, R {R}, T {T})")
     _check_out(out)
@@ -482,7 +483,7 @@ def _load_calibration(run: Path, detector: str = "atd") -> dict:
     threshold = entry.get("threshold")
     return {"lam": float(entry["lam"]), "threshold": None if threshold is None else float(threshold),
             "atd_lam": float(cal["lam"]), "lam_scan_percentile": rules.get("lam_scan_percentile"),
-            "residual": rules.get("residual", "abs")}
+            "residual": rules.get("residual", "abs"), "contralateral": rules.get("contralateral", 0.0)}
 
 
 def _load_checkpoint(run: Path, kind: str, cfg: RunConfig | None = None):

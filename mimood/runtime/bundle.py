@@ -127,7 +127,8 @@ class Bundle:
         m = self.manifest
         return RestoreConfig(lam=m.lam, T=m.T, R=m.R, temperature=m.temperature, min_pool=m.min_pool,
                              avg_pool=m.avg_pool, batch=m.batch, threshold=m.threshold, detector=m.detector,
-                             lam_scan_percentile=m.lam_scan_percentile, residual=m.residual)
+                             lam_scan_percentile=m.lam_scan_percentile, residual=m.residual,
+                             contralateral=m.contralateral)
 
     def data_config(self) -> DataConfig:
         return from_dict(DataConfig, self.manifest.data)

@@ -258,8 +258,8 @@ class InferJob:
                      "backend_used": self.engine.detail, "backend_reason": self.engine.reason,
                      "manifest_sha256": self.bundle.sha256,
                      "manifest": {k: getattr(m, k) for k in ("preset", "batch", "R", "T", "detector", "lam",
-                                                             "lam_scan_percentile", "residual", "threshold",
-                                                             "scan_score", "created", "versions")},
+                                                             "lam_scan_percentile", "residual", "contralateral",
+                                                             "threshold", "scan_score", "created", "versions")},
                      "reference": None if self.reference is None else self.reference.summary(),
                      "versions": current_versions(), "started": self.started, "finished": None,
                      "notes": self.notes, "scans": self.scans}
