@@ -90,16 +90,21 @@ def test_load_rejects_unknown_and_missing_keys(tmp_path):
         Manifest.load(tmp_path)
 
 
-def test_an_export_from_before_the_detector_key_reads_as_atd_and_a_bad_detector_is_refused(tmp_path):
+@pytest.mark.parametrize("key, default, bad, problem", [
+    ("detector", "atd", "oracle", r"'detector' must be one of atd, intensity, got \"oracle\""),
+    ("contralateral", 0.0, 1.5, r"contralateral"),
+])
+def test_an_export_from_before_a_later_key_reads_as_its_default_and_a_bad_value_is_refused(tmp_path, key, default,
+                                                                                           bad, problem):
     m = _manifest(tmp_path)
     m.save(tmp_path / "manifest.json")
     d = json.loads((tmp_path / "manifest.json").read_text())
-    del d["detector"]                                              # written before the key existed
+    del d[key]                                                     # written before the key existed
     (tmp_path / "manifest.json").write_text(json.dumps(d))
-    assert Manifest.load(tmp_path).detector == "atd"
-    d["detector"] = "oracle"
+    assert getattr(Manifest.load(tmp_path), key) == default
+    d[key] = bad
     (tmp_path / "manifest.json").write_text(json.dumps(d))
-    with pytest.raises(InputError, match=r"'detector' must be one of atd, intensity, got \"oracle\""):
+    with pytest.raises(InputError, match=problem):
         Manifest.load(tmp_path)
 
 
@@ -139,15 +144,3 @@ def test_extra_is_typed_and_load_rejects_unknown_records(tmp_path):
         with pytest.raises(InputError, match=message):
             Manifest.load(tmp_path)
 
-
-def test_an_export_from_before_the_contralateral_key_reads_as_0_and_a_bad_value_is_refused(tmp_path):
-    m = _manifest(tmp_path)
-    m.save(tmp_path / "manifest.json")
-    d = json.loads((tmp_path / "manifest.json").read_text())
-    del d["contralateral"]                                         # written before the key existed
-    (tmp_path / "manifest.json").write_text(json.dumps(d))
-    assert Manifest.load(tmp_path).contralateral == 0.0
-    d["contralateral"] = 1.5
-    (tmp_path / "manifest.json").write_text(json.dumps(d))
-    with pytest.raises(InputError, match="contralateral"):
-        Manifest.load(tmp_path)
