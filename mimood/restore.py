@@ -9,6 +9,7 @@
         mask = p > lambda                                (stop early when no token is above lambda)
         tokens[mask] ~ MVTM(tokens with mask -> [MASK])  (independent draws at temperature 1)
     map = mean_R  brain * avgpool(minpool(|decode(tokens) - x|))
+          (cfg.residual "positive": max(x - decode(tokens), 0); cfg.contralateral k: map - k min(map, mirror))
 
 Every backend (the PyTorch reference `mimood.runtime.torch_backend.TorchEngine`, onnxruntime, TensorRT, torch
 with CUDA graphs) implements the small `Engine` interface and runs through `restore()`, so the backends cannot
@@ -68,8 +69,9 @@ def contralateral(maps: np.ndarray, k: float) -> np.ndarray:
     sides share: ventricles and CSF that the MVTM restores darker on both sides, a symmetric bias-field band; a
     one-sided lesion facing healthy tissue keeps its value, and with k < 1 a lesion facing another lesion keeps
     (1 - k) of it. A mirror place outside the brain (map 0) damps nothing. Cost: one flip and a min per pixel.
-    Measured with the bundled model (benchmarks/mask_rules.py, fold A's four unseen BraTS cases, k = 0.75):
-    pooled [DICE] 0.495 -> 0.512, AP 0.414 -> 0.457, AUROC 0.866 -> 0.871; benchmarks/results/crossfit.md."""
+    Measured at k = 0.75 through the runtime (benchmarks/runtime_crossfit.py, benchmarks/results/crossfit.md):
+    pooled [DICE] 0.495 -> 0.511, AP 0.414 -> 0.455 on fold A's four unseen BraTS cases (where k was chosen),
+    0.399 -> 0.426, AP 0.298 -> 0.355 on fold B's (its test)."""
     m = np.asarray(maps, dtype=np.float32)
     return (m - np.float32(k) * np.minimum(m, m[..., ::-1])).astype(np.float32)
 
