@@ -37,10 +37,10 @@ for stage in $stages; do
           --source-weights 0.2,0.8 --reference "$work/synth_ref" --bf16 --resume
     done ;;
   calibrate)   # lambda and threshold of the shipped detector, "intensity" (it beat the ATD in cross-fit: benchmarks/results/crossfit.md)
-    # (per scan: lambda = min(lambda, P90 of the scan's own brain tokens), RestoreConfig.lam_scan_percentile; the
+    # (per scan: lambda = min(lambda, P80 of the scan's own brain tokens), RestoreConfig.lam_scan_percentile; the
     # map from the positive residual only, RestoreConfig.residual; what both hemispheres share damped by 0.75,
     # RestoreConfig.contralateral)
-    $py -c "import sys; from dataclasses import replace; from mimood.config import RunConfig; from mimood.eval.calibrate import calibrate; r = sys.argv[1]; calibrate(r, replace(RunConfig.load(r + '/config.json').restore, lam_scan_percentile=90.0, residual='positive', contralateral=0.75), methods=('mimood', 'mimood_intensity'), slice_stride=4)" "$run" ;;
+    $py -c "import sys; from dataclasses import replace; from mimood.config import RunConfig; from mimood.eval.calibrate import calibrate; r = sys.argv[1]; calibrate(r, replace(RunConfig.load(r + '/config.json').restore, lam_scan_percentile=80.0, residual='positive', contralateral=0.75), methods=('mimood', 'mimood_intensity'), slice_stride=4)" "$run" ;;
   export)
     $py -m mimood.cli.export -m "$run" -o "$work/export" --detector intensity
     # the shipped copy leaves out the torch backend's checkpoints and the ATD's fused copy (the intensity
