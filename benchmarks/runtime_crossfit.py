@@ -44,11 +44,11 @@ def hysteresis(vol: np.ndarray, t: float, low: float) -> np.ndarray:
 RULES = {"threshold": lambda v, t: v > t, "hysteresis": lambda v, t: hysteresis(v, t, 0.5 * t)}
 
 
-def scored(folder: Path, export: Path, work: Path) -> dict[str, dict]:
-    """Map the folder with the export (cached in work/<export>/<folder>); per scan its map, label and brain."""
+def scored(folder: Path, export: Path, threshold: float, work: Path) -> dict[str, dict]:
+    """Map the folder with the export (cached in work/<export>/<folder>); per scan the mask rules at the export's
+    threshold, its in-brain map values and labels."""
     out = work / export.name / folder.name
     infer_folder(folder, out, export, backend="ort", resume=True, progress=False, viewer=False)
-    threshold = Bundle.open(export).manifest.threshold
     rows = {}
     for c in discover(folder):
         m = nib.load(out / f"{c.name}.nii.gz")
@@ -83,17 +83,17 @@ def main() -> None:
               "date": datetime.date.today().isoformat(), "rules": list(RULES)}
     fold_rows = []
     for export, lesion in folds:
-        f = {"export": str(export), "threshold": Bundle.open(export).manifest.threshold, "cases": {},
-             "other": {}, "healthy": {}}
-        rows = scored(lesion, export, args.work)
+        threshold = Bundle.open(export).manifest.threshold
+        f = {"export": str(export), "threshold": threshold, "cases": {}, "other": {}, "healthy": {}}
+        rows = scored(lesion, export, threshold, args.work)
         fold_rows += rows.values()
         f["cases"] = {n: r["rules"] for n, r in rows.items()}
         f["pooled"] = pooled(list(rows.values()))
         for other in args.other:
-            o = scored(other, export, args.work)
+            o = scored(other, export, threshold, args.work)
             f["other"][other.name] = {"pooled": pooled(list(o.values())), "cases": {n: r["rules"] for n, r in o.items()}}
         for healthy in args.healthy:
-            f["healthy"].update({n: r["rules"] for n, r in scored(healthy, export, args.work).items()})
+            f["healthy"].update({n: r["rules"] for n, r in scored(healthy, export, threshold, args.work).items()})
         result["folds"][export.name] = f
         ml = [v["threshold"]["flagged_ml"] for v in f["healthy"].values()]
         print(f"{export.name} on {lesion.name}: " + json.dumps({k: round(v, 3) for k, v in f["pooled"].items()})

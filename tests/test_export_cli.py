@@ -98,19 +98,26 @@ def test_intensity_detector_reaches_the_manifest_and_every_backend(run, tmp_path
     assert np.abs(got["ort"].maps - got["torch"].maps).mean() < 1e-3
 
 
+def _export_intensity(run, tmp_path, entry: dict):
+    """A copy of the run whose calibration has only this mimood_intensity entry, exported with the intensity
+    detector (batch 4, unvalidated); returns (the run copy, the export folder)."""
+    own, out = tmp_path / "run", tmp_path / "exp"
+    shutil.copytree(run, own)
+    cal = json.loads((own / "calibration.json").read_text())
+    cal["methods"] = {"mimood_intensity": entry}
+    (own / "calibration.json").write_text(json.dumps(cal))
+    r = CliRunner().invoke(main, ["-m", str(own), "-o", str(out), "--batch", "4", "--detector", "intensity",
+                                  "--no-validate"])
+    assert r.exit_code == 0, r.output
+    return own, out
+
+
 def test_per_scan_lambda_reaches_the_manifest_and_packing_keeps_each_scan_its_own(run, tmp_path):
     from mimood.restore import scan_lambda
     from mimood.runtime.batching import Packer, infer_slices, run_batch
     from mimood.runtime.infer import load_engine
 
-    own, out = tmp_path / "run", tmp_path / "exp"
-    shutil.copytree(run, own)
-    cal = json.loads((own / "calibration.json").read_text())
-    cal["methods"] = {"mimood_intensity": {"lam": 0.9, "threshold": 0.3, "lam_scan_percentile": 90.0}}
-    (own / "calibration.json").write_text(json.dumps(cal))
-    r = CliRunner().invoke(main, ["-m", str(own), "-o", str(out), "--batch", "4", "--detector", "intensity",
-                                  "--no-validate"])
-    assert r.exit_code == 0, r.output
+    own, out = _export_intensity(run, tmp_path, {"lam": 0.9, "threshold": 0.3, "lam_scan_percentile": 90.0})
     m = Manifest.load(out)
     assert (m.detector, m.lam, m.lam_scan_percentile) == ("intensity", 0.9, 90.0)
     engine = load_engine(out, backend="ort")
@@ -140,18 +147,12 @@ def test_contralateral_reaches_the_manifest_and_the_export_threshold_is_chosen_o
     from mimood.runtime.batching import infer_slices
     from mimood.runtime.infer import load_engine
 
-    own, out = tmp_path / "run", tmp_path / "exp"
-    shutil.copytree(run, own)
-    cal = json.loads((own / "calibration.json").read_text())
-    cal["methods"] = {"mimood_intensity": {"lam": 0.5, "threshold": 0.3, "lam_scan_percentile": 90.0,
-                                           "contralateral": 0.75}}
-    (own / "calibration.json").write_text(json.dumps(cal))
-    r = CliRunner().invoke(main, ["-m", str(own), "-o", str(out), "--batch", "4", "--detector", "intensity",
-                                  "--no-validate"])
-    assert r.exit_code == 0, r.output
+    own, out = _export_intensity(run, tmp_path, {"lam": 0.5, "threshold": 0.3, "lam_scan_percentile": 90.0,
+                                                 "contralateral": 0.75})
     m = Manifest.load(out)
     assert m.contralateral == 0.75 and m.threshold == 0.3
-    cfg = load_engine(out, backend="ort").bundle.restore_config()
+    engine = load_engine(out, backend="ort")
+    cfg = engine.bundle.restore_config()
     assert cfg.contralateral == 0.75
     val = own / "data" / "val_slices.npz"
     damped = export_threshold(out, val, slice_stride=1, progress=False)
@@ -160,7 +161,6 @@ def test_contralateral_reaches_the_manifest_and_the_export_threshold_is_chosen_o
     assert damped["flagged_share"] == pytest.approx(0.01, abs=0.003)
     # the threshold is the P99 of exactly the maps the runtime writes for each held-out volume
     s = load_slice_set(val)
-    engine = load_engine(out, backend="ort")
     maps = [infer_slices(engine, s.images[s.case == v].astype(np.float32), cfg) for v in np.unique(s.case)]
     values = np.concatenate([mp[s.images[s.case == v] > 0] for mp, v in zip(maps, np.unique(s.case))])
     assert damped["threshold"] == pytest.approx(float(np.percentile(values, 99)), rel=1e-5)

@@ -230,9 +230,8 @@ def export_threshold(export: str | Path, slices: str | Path, cfg: RestoreConfig 
     `slice_stride`-th of its slices; threshold = the `voxel_percentile`-th percentile of the maps over brain pixels,
     the rule `calibrate` applies to a run. Returns {"threshold", "flagged_share", "threshold_rule", "volumes",
     "restored_slices", "brain_pixels"}."""
-    from mimood.runtime.batching import Packer, run_batch
+    from mimood.runtime.batching import infer_slices
     from mimood.runtime.infer import load_engine
-    from mimood.restore import scan_lambda
 
     engine = load_engine(export, backend)
     cfg = engine.bundle.restore_config() if cfg is None else cfg
@@ -243,11 +242,7 @@ def export_threshold(export: str | Path, slices: str | Path, cfg: RestoreConfig 
     for v in tqdm(np.unique(val.case), desc="threshold", unit="volume", disable=not progress):
         images = val.images[val.case == v].astype(np.float32)                  # [S, H, W]
         rows = images[::slice_stride]
-        packer = Packer(engine.batch)
-        packer.add(0, rows, None if cfg.lam_scan_percentile is None else scan_lambda(images, cfg))
-        for batch in packer.flush():
-            maps = run_batch(engine, batch, cfg, seed)                          # [n, H, W]
-            values.append(maps[batch.images[: len(maps)] > 0])
+        values.append(infer_slices(engine, rows, cfg, seed, scan=images)[rows > 0])
         restored += len(rows)
     values = np.concatenate(values)
     threshold = float(np.percentile(values, voxel_percentile))

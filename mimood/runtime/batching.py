@@ -91,13 +91,16 @@ def run_batch(engine: Engine, batch: Batch, cfg: RestoreConfig, seed: int) -> np
     return restore_batch(engine, batch, cfg, seed).maps[: len(batch.rows)]
 
 
-def infer_slices(engine: Engine, images: np.ndarray, cfg: RestoreConfig, seed: int = 0) -> np.ndarray:
+def infer_slices(engine: Engine, images: np.ndarray, cfg: RestoreConfig, seed: int = 0,
+                 scan: np.ndarray | None = None) -> np.ndarray:
     """Anomaly maps [S, H, W] of the slices images [S, H, W] of one scan (float32 in [0, 1], background 0), in
-    batches of `engine.batch`."""
+    batches of `engine.batch`. With the per-scan rule the scan's lambda comes from all its slices `scan`
+    (default: images; give it when images are a subset, e.g. every k-th slice)."""
     images = np.asarray(images, dtype=np.float32)
     maps = np.zeros(images.shape, dtype=np.float32)
     packer = Packer(engine.batch)
-    packer.add(0, images, None if cfg.lam_scan_percentile is None else scan_lambda(images, cfg))   # one scan
+    packer.add(0, images, None if cfg.lam_scan_percentile is None
+               else scan_lambda(images if scan is None else scan, cfg))                            # one scan
     for batch in packer.flush():
         maps[[i for _, i in batch.rows]] = run_batch(engine, batch, cfg, seed)
     return maps
