@@ -60,6 +60,14 @@ def load_calibration(run: str | Path) -> dict | None:
     return read_calibration(Path(run) / CALIBRATION)
 
 
+def voxel_threshold(values: np.ndarray, voxel_percentile: float) -> dict:
+    """The voxel-threshold rule on healthy brain-pixel map values: {"threshold" (their percentile),
+    "flagged_share" (the share at or above it; ties can make it more than 1 - q/100), "threshold_rule"}."""
+    threshold = float(np.percentile(values, voxel_percentile))
+    return {"threshold": threshold, "flagged_share": float(np.mean(values >= threshold)),
+            "threshold_rule": f"P{voxel_percentile:g} of healthy brain-pixel anomaly scores"}
+
+
 @torch.no_grad()
 def healthy_token_scores(models: dict, tokens: np.ndarray, batch: int, mvtm_stride: int = 2
                          ) -> dict[str, np.ndarray]:
@@ -176,9 +184,7 @@ def calibrate(run: str | Path, cfg: RestoreConfig | None = None, methods=None,
                 out = method(images[r][:, None], rng)
                 values.append(out.maps[brain[r]])
         values = np.concatenate(values)
-        threshold = float(np.percentile(values, voxel_percentile))
-        entry = {"threshold": threshold, "flagged_share": float(np.mean(values >= threshold)),
-                 "threshold_rule": f"P{voxel_percentile:g} of healthy brain-pixel anomaly scores"}
+        entry = voxel_threshold(values, voxel_percentile)
         if method.lam is not None:
             entry = {"lam": float(method.lam), "lam_rule": rules[name], **entry}
             if cfg.residual != "abs":                                  # the map's rule, for the export
@@ -245,8 +251,6 @@ def export_threshold(export: str | Path, slices: str | Path, cfg: RestoreConfig 
         values.append(infer_slices(engine, rows, cfg, seed, scan=images)[rows > 0])
         restored += len(rows)
     values = np.concatenate(values)
-    threshold = float(np.percentile(values, voxel_percentile))
-    return {"threshold": threshold, "flagged_share": float(np.mean(values >= threshold)),
-            "threshold_rule": f"P{voxel_percentile:g} of healthy brain-pixel anomaly scores",
+    return {**voxel_threshold(values, voxel_percentile),
             "volumes": [val.names[int(v)] for v in np.unique(val.case)], "restored_slices": restored,
             "brain_pixels": int(values.size)}
